@@ -1,0 +1,192 @@
+"""Tables by logical name: schemas from `schemas/`, locations per profile, re-runnable writes.
+
+Locally a table is a Delta directory under ``$RESTPG_HOME/warehouse/<schema>/<name>`` registered in the
+session catalog as ``<schema>.<name>`` (so Spark SQL finds it by name); on Databricks it is the Unity
+Catalog table ``<catalog>.<schema>.<name>``. Writers go through `replace_slice`, `merge_insert` or
+`append` here, which check the DataFrame against the declared schema first.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from restpg.config import Settings
+
+TABLES = (
+    "examples", "quarantine", "retrievals", "reasoning_paths", "training_sets", "trajectories",
+    "judge_scores", "eval_predictions", "eval_scores", "eval_summary", "eval_tests",
+    "reward_validation", "promotions", "stage_runs",
+)
+
+
+class SchemaMismatch(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    description: str
+    keys: tuple
+    partition_by: tuple
+    columns: tuple  # of dicts: name, type, nullable, comment
+
+    @property
+    def ddl(self) -> str:
+        return ", ".join(f"`{c['name']}` {c['type']}" for c in self.columns)
+
+    def struct(self):
+        from pyspark.sql.types import StructField, StructType, _parse_datatype_string
+
+        return StructType([
+            StructField(c["name"], _parse_datatype_string(c["type"]), c["nullable"], {"comment": c["comment"]})
+            for c in self.columns
+        ])
+
+
+@lru_cache(maxsize=None)
+def spec(name: str) -> TableSpec:
+    if name not in TABLES:
+        raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+    doc = json.loads((resources.files("restpg.schemas") / f"{name}.json").read_text())
+    return TableSpec(doc["table"], doc["description"], tuple(doc["keys"]), tuple(doc["partition_by"]), tuple(doc["columns"]))
+
+
+@dataclass(frozen=True)
+class TableRef:
+    name: str
+    fqn: str          # name in Spark SQL
+    path: str | None  # Delta directory (local); None on Unity Catalog
+
+
+def ref(settings: Settings, name: str) -> TableRef:
+    spec(name)
+    c = settings.catalog
+    if c.kind == "uc":
+        return TableRef(name, f"{c.catalog}.{c.schema}.{name}", None)
+    return TableRef(name, f"{c.schema}.{name}", str(settings.home_dir / "warehouse" / c.schema / name))
+
+
+def register_tables(spark, settings: Settings) -> None:
+    """Make every table that exists on disk queryable by name in this session (local profiles)."""
+    if settings.catalog.kind == "uc":
+        return
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {settings.catalog.schema}")
+    for name in TABLES:
+        r = ref(settings, name)
+        from delta.tables import DeltaTable
+
+        if DeltaTable.isDeltaTable(spark, r.path):
+            spark.sql(f"CREATE TABLE IF NOT EXISTS {r.fqn} USING DELTA LOCATION '{r.path}'")
+
+
+def ensure(spark, settings: Settings, name: str) -> TableRef:
+    """Create the table from its declared schema when missing (idempotent)."""
+    from delta.tables import DeltaTable
+
+    r, s = ref(settings, name), spec(name)
+    builder = DeltaTable.createIfNotExists(spark).tableName(r.fqn).addColumns(s.struct()).comment(s.description)
+    if r.path:
+        builder = builder.location(r.path)
+    if s.partition_by:
+        builder = builder.partitionedBy(*s.partition_by)
+    builder.property("delta.enableChangeDataFeed", "true").execute()
+    return r
+
+
+def read(spark, settings: Settings, name: str, version: int | None = None):
+    r = ensure(spark, settings, name)
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(r.path) if r.path else reader.table(r.fqn)
+
+
+def version(spark, settings: Settings, name: str) -> int:
+    from delta.tables import DeltaTable
+
+    r = ensure(spark, settings, name)
+    dt = DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
+    return int(dt.history(1).select("version").first()[0])
+
+
+def conform(df, name: str):
+    """Columns in declared order with declared types; missing or extra columns are an error."""
+    from pyspark.sql import functions as F
+
+    s = spec(name)
+    want = [c["name"] for c in s.columns]
+    have = df.columns
+    missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
+    if missing or extra:
+        raise SchemaMismatch(f"write to {name}: missing columns {missing}, unexpected columns {extra}")
+    target = {f.name: f.dataType for f in s.struct().fields}
+    actual = {f.name: f.dataType for f in df.schema.fields}
+    wrong = [f"{c}: {actual[c].simpleString()} (declared {target[c].simpleString()})" for c in want
+             if actual[c] != target[c] and not _safe_widen(actual[c], target[c])]
+    if wrong:
+        raise SchemaMismatch(f"write to {name}: wrong types: {'; '.join(wrong)}")
+    return df.select(*[F.col(c).cast(target[c]).alias(c) for c in want])
+
+
+def _safe_widen(actual, target) -> bool:
+    from pyspark.sql.types import DoubleType, FloatType, IntegerType, LongType, NullType, ShortType
+
+    ints = (ShortType, IntegerType, LongType)
+    return (isinstance(actual, NullType) or (isinstance(actual, ints) and isinstance(target, ints + (DoubleType,)))
+            or (isinstance(actual, FloatType) and isinstance(target, DoubleType)))
+
+
+def _predicate(slice_: dict) -> str:
+    def lit(v):
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "'" + str(v).replace("'", "''") + "'"
+    return " AND ".join(f"{k} = {lit(v)}" for k, v in slice_.items()) or "true"
+
+
+def _save(writer, r: TableRef):
+    return writer.save(r.path) if r.path else writer.saveAsTable(r.fqn)
+
+
+def replace_slice(spark, settings: Settings, df, name: str, slice_: dict, run_id: str) -> int:
+    """Atomically replace exactly `slice_` (e.g. variant + iteration) with `df`; returns the new version."""
+    r = ensure(spark, settings, name)
+    df = conform(df, name)
+    writer = (df.write.format("delta").mode("overwrite").option("replaceWhere", _predicate(slice_))
+              .option("userMetadata", json.dumps({"run_id": run_id, "slice": slice_})))
+    _save(writer, r)
+    return version(spark, settings, name)
+
+
+def merge_insert(spark, settings: Settings, df, name: str, run_id: str, keys: tuple | None = None) -> int:
+    """Insert rows whose keys are not in the table yet (insert-only MERGE: re-runs never duplicate)."""
+    from delta.tables import DeltaTable
+
+    r = ensure(spark, settings, name)
+    df = conform(df, name)
+    keys = keys or spec(name).keys
+    dt = DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
+    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps({"run_id": run_id}))
+    try:
+        dt.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll().execute()
+    finally:
+        spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+    return version(spark, settings, name)
+
+
+def upsert(spark, settings: Settings, df, name: str, run_id: str) -> int:
+    """Replace rows with the same keys, insert the rest (for small bookkeeping tables)."""
+    from delta.tables import DeltaTable
+
+    r = ensure(spark, settings, name)
+    df = conform(df, name)
+    dt = DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
+    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec(name).keys)
+    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps({"run_id": run_id}))
+    try:
+        dt.alias("t").merge(df.alias("s"), cond).whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()
+    finally:
+        spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+    return version(spark, settings, name)

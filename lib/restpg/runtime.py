@@ -1,0 +1,68 @@
+"""The SparkSession (local Delta or the cluster's) and MLflow, configured from Settings."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from restpg.config import Settings
+
+
+def on_databricks() -> bool:
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+
+def get_spark(settings: Settings):
+    """The cluster's session on Databricks; locally `local[*]` with Delta, warehouse under the home."""
+    from pyspark.sql import SparkSession
+
+    if on_databricks():
+        spark = SparkSession.builder.getOrCreate()
+    else:
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        from delta import configure_spark_with_delta_pip
+
+        home = settings.home_dir
+        home.mkdir(parents=True, exist_ok=True)
+        builder = (
+            SparkSession.builder.master(settings.spark.master)
+            .appName("restpg")
+            .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+            .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+            .config("spark.sql.warehouse.dir", str(home / "warehouse"))
+            .config("spark.driver.memory", settings.spark.driver_memory)
+            .config("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
+            .config("spark.default.parallelism", str(settings.spark.shuffle_partitions))
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.python.worker.reuse", "true")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.databricks.delta.snapshotPartitions", "2")
+            .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={home / 'derby'}")
+        )
+        spark = configure_spark_with_delta_pip(builder).getOrCreate()
+        spark.sparkContext.setLogLevel(settings.spark.log_level)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.spark.arrow_batch_rows))
+    from restpg import catalog
+
+    catalog.register_tables(spark, settings)
+    return spark
+
+
+def setup_mlflow(settings: Settings) -> str:
+    """Point MLflow at the profile's tracking server (local SQLite by default); returns experiment id."""
+    import mlflow
+
+    home = settings.home_dir
+    tracking = settings.mlflow.tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
+    if tracking.startswith("sqlite:"):
+        home.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(settings.mlflow.registry_uri or tracking)
+    exp = mlflow.get_experiment_by_name(settings.mlflow.experiment)
+    if exp is None:
+        location = None if on_databricks() or not tracking.startswith("sqlite:") else (home / "mlruns").as_uri()
+        return mlflow.create_experiment(settings.mlflow.experiment, artifact_location=location)
+    mlflow.set_experiment(settings.mlflow.experiment)
+    return exp.experiment_id
