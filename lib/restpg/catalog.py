@@ -69,17 +69,32 @@ def ref(settings: Settings, name: str) -> TableRef:
     return TableRef(name, f"{c.schema}.{name}", str(settings.home_dir / "warehouse" / c.schema / name))
 
 
+_registered: dict[str, str] = {}
+
+
+def _register(spark, r: TableRef) -> None:
+    """Point the session's name at this home's directory (a session may serve several homes in tests)."""
+    if _registered.get(r.fqn) == r.path:
+        return
+    spark.sql(f"DROP TABLE IF EXISTS {r.fqn}")  # external table: drops the name, never the data
+    spark.sql(f"CREATE TABLE {r.fqn} USING DELTA LOCATION '{r.path}'")
+    _registered[r.fqn] = r.path
+
+
 def register_tables(spark, settings: Settings) -> None:
     """Make every table that exists on disk queryable by name in this session (local profiles)."""
+    from delta.tables import DeltaTable
+
     if settings.catalog.kind == "uc":
         return
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {settings.catalog.schema}")
     for name in TABLES:
         r = ref(settings, name)
-        from delta.tables import DeltaTable
-
         if DeltaTable.isDeltaTable(spark, r.path):
-            spark.sql(f"CREATE TABLE IF NOT EXISTS {r.fqn} USING DELTA LOCATION '{r.path}'")
+            _register(spark, r)
+        elif r.fqn in _registered:
+            spark.sql(f"DROP TABLE IF EXISTS {r.fqn}")
+            del _registered[r.fqn]
 
 
 def ensure(spark, settings: Settings, name: str) -> TableRef:
@@ -87,12 +102,14 @@ def ensure(spark, settings: Settings, name: str) -> TableRef:
     from delta.tables import DeltaTable
 
     r, s = ref(settings, name), spec(name)
-    builder = DeltaTable.createIfNotExists(spark).tableName(r.fqn).addColumns(s.struct()).comment(s.description)
-    if r.path:
-        builder = builder.location(r.path)
+    builder = DeltaTable.createIfNotExists(spark).addColumns(s.struct()).comment(s.description)
+    builder = builder.location(r.path) if r.path else builder.tableName(r.fqn)
     if s.partition_by:
         builder = builder.partitionedBy(*s.partition_by)
     builder.property("delta.enableChangeDataFeed", "true").execute()
+    if r.path:
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {settings.catalog.schema}")
+        _register(spark, r)
     return r
 
 

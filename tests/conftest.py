@@ -1,0 +1,50 @@
+"""One local Spark session with Delta for the whole suite; each test module gets its own home."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+AMAZON = SHARED / "data" / "amazon_reviews_longlamp" / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("restpg-home")
+
+
+@pytest.fixture(scope="session")
+def settings(session_home):
+    from restpg.config import load_settings
+
+    return load_settings("local", home=str(session_home))
+
+
+@pytest.fixture(scope="session")
+def spark(settings):
+    from restpg.runtime import get_spark
+
+    session = get_spark(settings)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def fresh_settings(tmp_path):
+    """Settings on a home of its own (tables of other tests invisible), same Spark session."""
+    from restpg.config import load_settings
+
+    return load_settings("local", home=str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="session")
+def amazon_path() -> Path:
+    if not AMAZON.exists():
+        pytest.skip(f"shared Amazon sample not found at {AMAZON} (../shared is absent)")
+    return AMAZON
