@@ -144,8 +144,9 @@ def meteor(prediction: str, reference: str, wordnet_=None) -> float:
 def paired_ttest(a, b) -> tuple:
     """Two-tailed paired t-test, equal to ``scipy.stats.ttest_rel(a, b)`` where that is defined.
 
-    Fewer than 2 pairs: ``(None, None)``. All differences identical (zero variance): no difference
-    at all gives ``(0.0, 1.0)``; a constant non-zero difference gives ``(±inf, 0.0)``, as scipy does.
+    Fewer than 2 pairs: ``(None, None)``. All differences identical up to float rounding (zero
+    variance, where scipy gives nan or a meaningless huge t): no difference at all gives
+    ``(0.0, 1.0)``; a constant non-zero difference gives ``(±inf, 0.0)``.
     """
     import numpy as np
     from scipy import stats
@@ -156,9 +157,10 @@ def paired_ttest(a, b) -> tuple:
     if a.size < 2:
         return None, None
     d = a - b
-    if np.all(d == d[0]):
+    scale = max(1.0, float(np.abs(a).max()), float(np.abs(b).max()))
+    if float(np.ptp(d)) <= 1e-12 * scale:  # identical differences up to float rounding
         mean = float(d.mean())
-        return (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+        return (0.0, 1.0) if abs(mean) <= 1e-12 * scale else (math.copysign(math.inf, mean), 0.0)
     t, p = stats.ttest_rel(a, b)
     return float(t), float(p)
 
@@ -231,7 +233,10 @@ def _variant_order(variants):
 def _fmt_gain(gain, p, significant) -> str:
     if gain is None or (isinstance(gain, float) and math.isnan(gain)):
         return "n/a"
-    ptxt = "p=n/a" if p is None or (isinstance(p, float) and math.isnan(p)) else f"p={p:.3g}"
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        ptxt = "p=n/a"
+    else:
+        ptxt = "p<0.001" if p < 0.001 else f"p={p:.3f}"
     return f"{gain * 100:+.1f}% ({ptxt}{'*' if significant else ''})"
 
 
@@ -272,7 +277,8 @@ def format_table1(summary, tests, metric: str = "judge_score", *, ablation: str 
             cells.append(_fmt_gain(gain, r["p_value"], bool(r["significant"])))
         gain_lines.append(f"{a} vs {b}".ljust(label_w) + "".join(c.rjust(col_w) for c in cells))
     if gain_lines:
-        lines += ["", "relative gain (paired two-tailed t-test; * significant)"] + gain_lines
+        lines += ["", "relative gain, paired two-tailed t-test (* significant; macro: gain of the macro means,"
+                  " p over all paired examples)"] + gain_lines
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ def run(spark, settings: Settings, candidate_version: str, *, scores_fn=None, ru
         if result["decision"] == CHAMPION and champion_version != candidate_version:
             client.set_registered_model_alias(name, CHAMPION, candidate_version)
             result["moved"].append(CHAMPION)
-            if client.get_registered_model(name).aliases.get(CHALLENGER) == candidate_version:
+            if str(client.get_registered_model(name).aliases.get(CHALLENGER)) == candidate_version:
                 client.delete_registered_model_alias(name, CHALLENGER)
         elif result["decision"] == CHALLENGER:
             client.set_registered_model_alias(name, CHALLENGER, candidate_version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from restpg import models
@@ -71,7 +72,6 @@ def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str]
 def score_df(df, model_ref: str, settings: Settings, candidates: list[str], prompt_col: str = "prompt",
              out_col: str = "logprobs", max_rows: int = 64):
     """Adds `out_col` map<string,double> (candidate → log-probability given the row's prompt)."""
-    import pandas as pd
     from pyspark.sql import functions as F
     from pyspark.sql.types import DoubleType, MapType, StringType
 

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from restpg.config import Settings, TrainConfig
+from restpg.tracking import say
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,9 @@ def _tpu_present() -> bool:
 
 def pick_device(kind: str) -> tuple[torch.device, str]:
     """(device, kind actually used). xla → PJRT (CPU unless a TPU or PJRT_DEVICE says otherwise);
-    falls back to cuda, then cpu, with a logged warning."""
+    falls back to cuda, then cpu, with a logged warning. The XLA device must be started before the
+    process's first backward pass (autograd sizes its per-device queues then): a process that trains
+    eagerly and then on XLA must call ``torch_xla.device()`` up front."""
     if kind == "xla":
         if "PJRT_DEVICE" not in os.environ and not _tpu_present():
             os.environ["PJRT_DEVICE"] = "CPU"
@@ -311,8 +313,7 @@ def fit(model, train: list[dict], val: list[dict], cfg: TrainConfig, *, pad_id: 
         if logging_step and rank == 0:
             rate = tokens / max(train_seconds, 1e-9)
             eta = (time.time() - started) / step * (total_steps - step)
-            print(f"train step {step}/{total_steps} | loss {final_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s"
-                  f" | eta {eta:.0f}s", file=sys.stderr, flush=True)
+            say(f"train step {step}/{total_steps} | loss {final_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s | eta {eta:.0f}s")
             if log_metrics:
                 log_metrics({"loss": final_loss, "lr": lr, "tokens_per_s": rate}, step)
 

@@ -1,0 +1,96 @@
+"""Tokens/s of plain `generate(num_return_sequences=m)` vs the shared-prefill sampler, side by side.
+
+Packaged SmolLM2-135M-Instruct, float32, 2 threads, one ~170-token prompt, 48 new tokens, temperature
+0.7 / top-p 0.95. Prefills are counted with a forward hook: a forward over more than one position is a
+prefill, and its batch size is the number of prompt copies it encodes. Run: `make bench`.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from restpg import generation, models  # noqa: E402
+from restpg.config import load_settings  # noqa: E402
+
+NEW_TOKENS = 48
+BUDGET_S = 150  # m=32 runs only if the smaller sizes left time for it (total < 4 min)
+PROFILE = ("I bought this kettle for my office. It boils fast, the handle stays cool, and the lid opens "
+           "with one hand. The blue light is a bit bright at night. ")
+
+
+class PrefillCounter:
+    """Counts forwards over several positions (prefills) and the prompt rows they encode."""
+
+    def __init__(self, model):
+        self.calls = self.rows = 0
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            self.calls += 1
+            self.rows += ids.shape[0]
+
+    def take(self) -> tuple[int, int]:
+        counts, self.calls, self.rows = (self.calls, self.rows), 0, 0
+        return counts
+
+
+def make_prompt(tokenizer, target_tokens: int = 170) -> str:
+    reviews = ""
+    while generation.count_tokens(tokenizer, generation.render_chat(tokenizer, reviews + "Write a review.")) < target_tokens - 25:
+        reviews += PROFILE
+    return generation.render_chat(tokenizer, f"My past reviews: {reviews}\nWrite a long, detailed review of a toaster in my style.")
+
+
+def plain(model, tokenizer, prompt: str, m: int) -> int:
+    ids = torch.tensor([generation.encode(tokenizer, prompt)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_p=0.95,
+                         max_new_tokens=NEW_TOKENS, num_return_sequences=m, pad_token_id=tokenizer.pad_token_id)
+    stops = torch.tensor(sorted(generation.eos_ids(model, tokenizer)))
+    new = out[:, ids.shape[1]:]
+    ended = torch.isin(new, stops).int().cumsum(1) > 0  # everything from the first end-of-sequence on
+    return int((~ended).sum())
+
+
+def shared(model, tokenizer, prompt: str, m: int) -> int:
+    seeds = [[generation.sample_seed("bench", j, 0, 0) for j in range(m)]]
+    [samples], _ = generation.sample(model, tokenizer, [prompt], seeds, temperature=0.7, top_p=0.95,
+                                     max_new_tokens=NEW_TOKENS)
+    return sum(s.n_tokens for s in samples)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    settings = load_settings("local")
+    model, tokenizer = models.load_causal_lm("packaged:smollm2-135m-instruct", settings)
+    prompt = make_prompt(tokenizer)
+    counter = PrefillCounter(model)
+    print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads, prompt {generation.count_tokens(tokenizer, prompt)} "
+          f"tokens, {NEW_TOKENS} new tokens")
+    shared(model, tokenizer, prompt, 2)  # warm-up
+    counter.take()
+    print(f"{'m':>3} {'method':<14} {'tokens':>6} {'seconds':>7} {'tok/s':>6} {'prefills':>8} {'prompt rows':>11}")
+    started = time.perf_counter()
+    for m in (1, 8, 32):
+        if m == 32 and time.perf_counter() - started > BUDGET_S / 3:
+            print("m=32 skipped: the smaller sizes took too long for the time budget")
+            break
+        rates = {}
+        for name, run in (("generate", plain), ("shared-prefill", shared)):
+            t0 = time.perf_counter()
+            tokens = run(model, tokenizer, prompt, m)
+            seconds = time.perf_counter() - t0
+            calls, rows = counter.take()
+            rates[name] = tokens / seconds
+            print(f"{m:>3} {name:<14} {tokens:>6} {seconds:>7.2f} {rates[name]:>6.1f} {calls:>8} {rows:>11}")
+        print(f"{m:>3} ratio shared-prefill / generate: {rates['shared-prefill'] / rates['generate']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Training throughput of `restpg.train.fit`: SmolLM2-135M, float32, AdamW, batch 4 × 256 tokens,
+eager CPU vs torch-xla PJRT CPU, side by side in one process.
+
+    .venv/bin/python bench/bench_train.py [--steps 4] [--home .restpg]
+
+Steady-state tokens/s leave out the first two steps (XLA compiles the forward/backward graph on
+step 1 and the optimizer graph with its initialised state on step 2). Prints one JSON line per device
+and a summary line; writes bench/out/train.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# The XLA device must exist before the first backward in this process (see train.pick_device).
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+import torch_xla  # noqa: E402
+
+torch_xla.device()
+
+import torch  # noqa: E402
+
+from restpg import train  # noqa: E402
+from restpg.config import TrainConfig, load_settings  # noqa: E402
+
+POLICY = "packaged:smollm2-135m-instruct"
+
+
+def fixed_batches(vocab: int, n: int, length: int, seed: int = 0) -> list[dict]:
+    """Full-length rows (no padding), the first half a masked prompt: every step has the same shape."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [train.IGNORE_INDEX] * (length // 2) + ids[length // 2:], "weight": 1.0})
+    return rows
+
+
+def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = TrainConfig(device=device, optimizer="adamw", lr=1e-5, warmup_steps=0, batch_size=batch, micro_batch_size=batch,
+                      max_steps=steps, epochs=1e6, length_buckets=[length], eval_every=10 ** 9, log_every=1)
+    data = fixed_batches(model.config.vocab_size, batch * steps, length)
+    started = time.time()
+    result = train.fit(model, data, [], cfg, pad_id=0)
+    wall = time.time() - started
+    tokens_per_step = batch * length
+    steady = result.step_seconds[2:] or result.step_seconds[1:]
+    return {"device": result.device, "steps": steps, "tokens_per_step": tokens_per_step,
+            "first_step_s": round(result.step_seconds[0], 1), "second_step_s": round(result.step_seconds[1], 1),
+            "steady_step_s": round(statistics.mean(steady), 2),
+            "steady_tokens_per_s": round(tokens_per_step / statistics.mean(steady), 1),
+            "overall_tokens_per_s": round(result.tokens_per_s, 1), "compilations": result.compilations,
+            "wall_s": round(wall, 1), "first_loss": round(result.first_loss, 4), "final_loss": round(result.final_loss, 4)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--home", default=None, help="restpg home holding the converted checkpoint cache")
+    args = parser.parse_args()
+    settings = load_settings("local", home=args.home)
+    try:
+        from restpg import models
+    except ImportError:
+        print("restpg.models is not there yet: nothing to benchmark", file=sys.stderr)
+        return 0
+    started = time.time()
+    base_dir = models.checkpoint_dir(POLICY, settings)
+    print(f"checkpoint {base_dir} ready in {time.time() - started:.0f}s", file=sys.stderr)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    rows = [bench(device, base_dir, args.steps, args.batch, args.length) for device in ("cpu", "xla")]
+    for row in rows:
+        print(json.dumps(row))
+    cpu, xla = rows
+    summary = {"model": POLICY, "dtype": "float32", "batch": f"{args.batch}x{args.length}", "threads": torch.get_num_threads(),
+               "xla_over_eager_steady": round(xla["steady_tokens_per_s"] / cpu["steady_tokens_per_s"], 2),
+               "first_loss_rel_diff": abs(xla["first_loss"] - cpu["first_loss"]) / cpu["first_loss"]}
+    print(json.dumps(summary))
+    out = Path(__file__).with_name("out")
+    out.mkdir(exist_ok=True)
+    (out / "train.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+-- Databricks notebook source
+-- MAGIC %md
+-- MAGIC # Evaluation: Table 1 and significance
+-- MAGIC Per-task means and the macro average (mean of the task means) from `restpg.eval_summary`, paired
+-- MAGIC two-tailed t-tests between systems from `restpg.eval_tests`, per-example scores from
+-- MAGIC `restpg.eval_scores`, and the promotion decisions in `restpg.promotions`. `ablation = ''` is the
+-- MAGIC main table; other values are ablation settings.
+
+-- COMMAND ----------
+
+-- Table 1: mean per task and macro average, one row per variant and metric
+SELECT *
+FROM (
+  SELECT ablation, split, metric, variant, task, round(mean, 4) AS mean
+  FROM restpg.eval_summary
+)
+PIVOT (
+  first(mean) FOR task IN (
+    'abstract_generation' AS abstract_generation,
+    'email_completion' AS email_completion,
+    'product_review' AS product_review,
+    'topic_writing' AS topic_writing,
+    'macro' AS macro
+  )
+)
+ORDER BY ablation, split, metric,
+         CASE variant WHEN 'sft' THEN 1 WHEN 'sft_reasoning' THEN 2 WHEN 'rest_em' THEN 3 WHEN 'rest_pg' THEN 4 ELSE 5 END,
+         variant
+
+-- COMMAND ----------
+
+-- Judge score per task and variant (main table)
+-- chart: bar x=task y=mean series=variant title="Judge score per task (macro = mean of task means)"
+SELECT task, variant, mean, n
+FROM restpg.eval_summary
+WHERE metric = 'judge_score' AND ablation = ''
+ORDER BY CASE WHEN task = 'macro' THEN 1 ELSE 0 END, task, variant
+
+-- COMMAND ----------
+
+-- Paired two-tailed t-tests between systems, REST-PG against the baselines first
+SELECT ablation, split, metric, task, variant_a, variant_b,
+       round(mean_a, 4) AS mean_a,
+       round(mean_b, 4) AS mean_b,
+       round(relative_gain * 100, 2) AS relative_gain_pct,
+       t_stat, p_value, significant, n
+FROM restpg.eval_tests
+ORDER BY ablation, split, metric,
+         CASE WHEN variant_a = 'rest_pg' THEN 0 ELSE 1 END, variant_a, variant_b,
+         CASE WHEN task = 'all' THEN 1 ELSE 0 END, task
+
+-- COMMAND ----------
+
+-- Relative gain of REST-PG in judge score over each baseline, per task
+-- chart: bar x=task y=relative_gain_pct series=variant_b title="REST-PG relative gain in judge score (%)"
+SELECT task, variant_b, round(relative_gain * 100, 2) AS relative_gain_pct, p_value, significant, n
+FROM restpg.eval_tests
+WHERE variant_a = 'rest_pg' AND metric = 'judge_score' AND ablation = ''
+ORDER BY CASE WHEN task = 'all' THEN 1 ELSE 0 END, task, variant_b
+
+-- COMMAND ----------
+
+-- Distribution of per-example judge scores per variant (main table)
+-- chart: bar x=score_bucket y=examples series=variant title="Per-example judge scores"
+SELECT variant, round(floor(judge_score * 10) / 10, 1) AS score_bucket, count(*) AS examples
+FROM restpg.eval_scores
+WHERE ablation = ''
+GROUP BY ALL
+ORDER BY score_bucket, variant
+
+-- COMMAND ----------
+
+-- Generated length per variant and task, and how often the output had no reasoning part
+SELECT variant, task, count(*) AS outputs,
+       avg(length(response)) AS mean_response_chars,
+       avg(coalesce(length(reasoning), 0)) AS mean_reasoning_chars,
+       avg(CASE WHEN reasoning IS NULL OR reasoning = '' THEN 1.0 ELSE 0.0 END) AS no_reasoning_rate
+FROM restpg.eval_predictions
+WHERE ablation = ''
+GROUP BY ALL
+ORDER BY variant, task
+
+-- COMMAND ----------
+
+-- Ablations: macro judge score per ablation setting
+-- chart: bar x=ablation y=macro_judge_score series=variant title="Macro judge score per ablation"
+SELECT CASE WHEN ablation = '' THEN '(main)' ELSE ablation END AS ablation, variant, split,
+       mean AS macro_judge_score, n
+FROM restpg.eval_summary
+WHERE task = 'macro' AND metric = 'judge_score'
+ORDER BY ablation, variant
+
+-- COMMAND ----------
+
+-- Promotion decisions, newest first
+SELECT created_at, model_name, candidate_version, champion_version, decision, split,
+       round(candidate_score, 4) AS candidate_score, round(champion_score, 4) AS champion_score,
+       p_value, dry_run, run_id
+FROM restpg.promotions
+ORDER BY created_at DESC

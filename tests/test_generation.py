@@ -1,0 +1,154 @@
+"""Shared-prefill sampling: same logits as plain forwards, one prefill per prompt group, seeded and
+reproducible, and the Spark job gives the direct sampler's texts with one model load per worker."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from test_models import make_tiny_lm  # noqa: E402
+
+from restpg import generation, models  # noqa: E402
+from restpg.generation import fit_prompt, sample, sample_seed  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "10 apples and the lazy dog jumps over it all, a review", "an email"]
+SAMPLING = dict(temperature=0.8, top_p=0.9, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_lm(tmp_path_factory.mktemp("tiny-lm")))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny, settings):
+    return models.load_causal_lm(tiny, settings)
+
+
+def plain_next_logits(model, tokenizer, text: str, extra: list[int] = ()) -> torch.Tensor:
+    ids = generation.encode(tokenizer, text) + list(extra)
+    return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_sample_seed_is_stable_and_distinct():
+    assert sample_seed("ex-1", 0, 1, 0) == sample_seed("ex-1", 0, 1, 0)
+    seeds = {sample_seed(e, j, t, b) for e in ("ex-1", "ex-2") for j in range(4) for t in (1, 2) for b in (0, 1)}
+    assert len(seeds) == 32 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("kept, slack, truncated", [
+    (2, 0, False),  # everything fits exactly
+    (1, 3, True),  # the last item is dropped or cut to the few tokens left
+    (0, -1, True),  # even the instruction alone is over budget: it is kept, all profile goes
+])
+def test_fit_prompt_keeps_the_instruction_and_cuts_profile_from_the_end(lm, kept, slack, truncated):
+    _, tokenizer = lm
+    head, tail = "Profile:", "Write a review about foxes."
+    items = ["<a> one two</a>", "<b> three four five six seven eight nine ten</b>"]
+    budget = generation.count_tokens(tokenizer, head + "".join(items[:kept]) + tail) + slack
+    text, was_cut = fit_prompt(tokenizer, head, items, tail, budget)
+    assert was_cut == truncated
+    assert text.startswith(head + "".join(items[:kept])) and text.endswith(tail)
+    if kept < len(items):
+        assert items[kept] not in text
+    if slack >= 0:
+        assert generation.count_tokens(tokenizer, text) <= budget
+    else:
+        assert text == head + tail
+
+
+def test_cache_expansion_with_left_padding_matches_plain_forwards(lm):
+    model, tokenizer = lm
+    m = 3
+    state = generation.prefill(model, tokenizer, PROMPTS, m)
+    with torch.inference_mode():
+        for i, prompt in enumerate(PROMPTS):
+            expected = plain_next_logits(model, tokenizer, prompt)
+            for j in range(m):
+                torch.testing.assert_close(state.logits[i * m + j], expected, atol=1e-5, rtol=1e-5)
+        fed = torch.arange(10, 10 + len(PROMPTS) * m)  # a different token per row
+        generation.step(model, state, fed)
+        for row, token in enumerate(fed.tolist()):
+            expected = plain_next_logits(model, tokenizer, PROMPTS[row // m], [token])
+            torch.testing.assert_close(state.logits[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_matches_transformers_generate(lm):
+    model, tokenizer = lm
+    samples, _ = sample(model, tokenizer, PROMPTS, [[0, 1]] * len(PROMPTS), temperature=0.0, top_p=1.0,
+                        max_new_tokens=8)
+    for prompt, (first, second) in zip(PROMPTS, samples):
+        ids = torch.tensor([generation.encode(tokenizer, prompt)])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert first.text == second.text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_m_samples_share_one_prefill_and_reproduce(lm):
+    model, tokenizer = lm
+    m = 4
+    seeds = [[sample_seed(f"ex-{i}", j, 1, 0) for j in range(m)] for i in range(len(PROMPTS))]
+    samples, stats = sample(model, tokenizer, PROMPTS, seeds, **SAMPLING)
+    assert [len(s) for s in samples] == [m] * len(PROMPTS)
+    assert stats.prefill_passes == 1 and stats.decode_passes <= SAMPLING["max_new_tokens"] - 1
+    again, _ = sample(model, tokenizer, PROMPTS, seeds, **SAMPLING)
+    assert again == samples
+    assert len({s.text for row in samples for s in row}) > len(PROMPTS)  # seeds differ, so do samples
+
+    grouped, grouped_stats = sample(model, tokenizer, PROMPTS, seeds, max_rows=2 * m, **SAMPLING)
+    assert grouped_stats.prefill_passes == 2  # groups of 2 prompts x m rows, never one prefill per sample
+    assert [[s.text for s in row] for row in grouped] == [[s.text for s in row] for row in samples]
+
+
+def test_rows_stop_at_end_of_sequence(tiny, settings):
+    model, tokenizer = models.load_causal_lm(tiny, settings)
+    [[free]], _ = sample(model, tokenizer, PROMPTS[:1], [[0]], temperature=0.0, top_p=1.0, max_new_tokens=6)
+    assert free.n_tokens == 6 and not free.finished
+    ids = torch.tensor([generation.encode(tokenizer, PROMPTS[0])])
+    stop = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)[0, -1].item()
+    model.generation_config.eos_token_id = stop  # greedy decoding now ends at its third token
+    [[cut]], _ = sample(model, tokenizer, PROMPTS[:1], [[0]], temperature=0.0, top_p=1.0, max_new_tokens=6)
+    assert cut.finished and cut.n_tokens <= 2
+
+
+def test_spark_sampling_matches_direct_sampling_with_one_load_per_worker(spark, settings, tiny):
+    small_batches = dataclasses.replace(settings, spark=dataclasses.replace(settings.spark, arrow_batch_rows=2))
+    ids = [f"ex-{i}" for i in range(6)]
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" {i}" for i in range(6)]
+    df = spark.createDataFrame(pd.DataFrame({"example_id": ids, "prompt": prompts})).repartition(2)
+    m, iteration, seed = 3, 2, 7
+
+    def run() -> pd.DataFrame:
+        out = generation.generate_df(df, tiny, small_batches, m=m, iteration=iteration, seed=seed,
+                                     with_worker_info=True, **SAMPLING)
+        return out.toPandas().sort_values(["example_id", "sample_index"]).reset_index(drop=True)
+
+    first, second = run(), run()
+    assert first.groupby("example_id").sample_index.apply(list).tolist() == [list(range(m))] * len(ids)
+    pd.testing.assert_frame_equal(first.drop(columns=["worker_pid"]), second.drop(columns=["worker_pid"]))
+    assert (first.worker_loads == 1).all() and (second.worker_loads == 1).all()
+    assert not first.prompt_truncated.any()
+
+    model, tokenizer = models.load_causal_lm(tiny, settings)
+    seeds = [[sample_seed(i, j, iteration, seed) for j in range(m)] for i in ids]
+    direct, _ = sample(model, tokenizer, prompts, seeds, **SAMPLING)
+    assert first.seed.tolist() == [s for row in seeds for s in row]
+    assert first.text.tolist() == [s.text for row in direct for s in row]
+    assert first.n_tokens.tolist() == [s.n_tokens for row in direct for s in row]
+    assert first.finished.tolist() == [s.finished for row in direct for s in row]
+
+
+def test_spark_sampling_fits_prompt_parts_and_reports_truncation(spark, settings, tiny):
+    budget = dataclasses.replace(settings, prompt=dataclasses.replace(settings.prompt, max_input_tokens=30))
+    rows = [("short", "Profile:", ["<a> one</a>"], "Write."),
+            ("long", "Profile:", ["<a> one</a>", "<b>" + " two three" * 20 + "</b>"], "Write.")]
+    df = spark.createDataFrame(rows, "example_id string, head string, items array<string>, tail string")
+    df = df.selectExpr("example_id", "struct(head, items, tail) AS prompt")
+    out = generation.generate_df(df, tiny, budget, m=2, temperature=0.0, top_p=1.0, max_new_tokens=3,
+                                 iteration=1, seed=0).toPandas()
+    assert out.groupby("example_id").prompt_truncated.all().to_dict() == {"long": True, "short": False}
+    assert len(out) == 4
