@@ -45,7 +45,8 @@ def policy_template(variant: str) -> Template:
 
 
 def format_items(texts: list[str], max_chars: int) -> list[str]:
-    return [f"[{i + 1}] {t[:max_chars]}" for i, t in enumerate(texts)]
+    """Numbered items, each ending in its own newline (the fitter drops whole items from the end)."""
+    return [f"[{i + 1}] {t[:max_chars].strip()}\n" for i, t in enumerate(texts)]
 
 
 def policy_parts(variant: str, task: str, input_text: str, item_texts: list[str], max_item_chars: int):
@@ -57,7 +58,7 @@ def policy_parts(variant: str, task: str, input_text: str, item_texts: list[str]
 
 def teacher_parts(input_text: str, target: str, item_texts: list[str], max_item_chars: int):
     head, tail = template("teacher_reasoning").parts(input=input_text, target=target)
-    return head, [t[:max_item_chars].replace("\n", " ") + " |" for t in item_texts], tail
+    return head, [t[:max_item_chars].replace("\n", " ").strip() + " | " for t in item_texts], tail
 
 
 def judge_prompt(input_text: str, target: str, response: str) -> str:

@@ -1,0 +1,217 @@
+import datetime as dt
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from restpg import catalog, metrics, notebooks
+from restpg.config import load_settings
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOW = dt.datetime(2026, 1, 1, 12, 0, 0)
+TASKS = ("product_review", "topic_writing")
+USERS = ("u1", "u2", "u3")
+VARIANTS = ("sft", "sft_reasoning", "rest_em", "rest_pg")
+
+
+@pytest.mark.parametrize("text, kinds, titles", [
+    ("-- Databricks notebook source\nSELECT 1", ["sql"], [""]),
+    ("-- Databricks notebook source\n-- MAGIC %md\n-- MAGIC # Title\n\n-- COMMAND ----------\n\n-- One\nSELECT 1\n",
+     ["markdown", "sql"], ["", "One"]),
+    ("-- MAGIC %python\n-- MAGIC print(1)\n-- COMMAND ----------\n-- chart: bar x=a y=b title=\"Nice chart\"\nSELECT 1 AS a, 2 AS b",
+     ["magic", "sql"], ["", "Nice chart"]),
+    ("SELECT 1\n-- COMMAND ----------\n\n-- COMMAND ----------\nSELECT 2", ["sql", "sql"], ["", ""]),
+])
+def test_parse_cells(text, kinds, titles):
+    cells = notebooks.parse_cells(text)
+    assert [c.kind for c in cells] == kinds and [c.title for c in cells] == titles
+    assert [c.number for c in cells] == list(range(1, len(cells) + 1))
+
+
+def test_parse_cells_chart_and_statements():
+    text = ("-- Databricks notebook source\n-- Two statements; the last one is the result\n"
+            "-- chart: line x=tau y=rate series=run facet=task title=\"Pass rate\"\n"
+            "CREATE OR REPLACE TEMP VIEW v AS SELECT 1 AS x;\nSELECT x FROM v;\n")
+    (cell,) = notebooks.parse_cells(text)
+    assert cell.chart == notebooks.Chart("line", "tau", "rate", "run", "task", "Pass rate")
+    assert cell.statements == ["-- Two statements; the last one is the result\n"
+                               "-- chart: line x=tau y=rate series=run facet=task title=\"Pass rate\"\n"
+                               "CREATE OR REPLACE TEMP VIEW v AS SELECT 1 AS x", "SELECT x FROM v"]
+    assert cell.title == "Pass rate"
+
+
+@pytest.mark.parametrize("line", [
+    "-- chart: pie x=a y=b",
+    "-- chart: bar x=a",
+    "-- chart: bar x=a y=b colour=red",
+])
+def test_bad_chart_declarations(line):
+    with pytest.raises(notebooks.NotebookError):
+        notebooks.parse_chart(line)
+
+
+def _df(spark, name, rows):
+    cols = [c["name"] for c in catalog.spec(name).columns]
+    full = [{"run_id": "nb-test", "created_at": NOW, **r} for r in rows]
+    return spark.createDataFrame([tuple(r[c] for c in cols) for r in full], schema=catalog.spec(name).struct())
+
+
+def _examples():
+    rows = []
+    for task in TASKS:
+        for u, user in enumerate(USERS):
+            for split, k in (("train", 0), ("train", 1), ("test", 2)):
+                rows.append({"example_id": f"{task}-{user}-{k}", "task": task, "split": split, "user_id": user,
+                             "input": f"Write about item {k}", "target": f"{user} writes about item {k} in {task}",
+                             "profile": [{"item_id": f"{user}-p{i}", "text": f"past text {i}", "fields": {"title": "t"}}
+                                         for i in range(2)],
+                             "source_file": "test", "record_number": u * 10 + k})
+    return rows
+
+
+def _trajectories_and_scores(examples):
+    traj, judged = [], []
+    train = [e for e in examples if e["split"] == "train"]
+    for variant, iterations, kind in (("rest_pg", (1, 2), "llm"), ("rest_em", (1,), "embedding")):
+        for it in iterations:
+            for n, e in enumerate(train):
+                for s in range(3):
+                    reasoning = "- likes detail\n" * (s * 20) if variant == "rest_pg" else None
+                    score = (1, 3, 5, 7, 10)[(n + s + it) % 5]
+                    reward = score / 10 if kind == "llm" else round(0.2 + 0.25 * s + 0.03 * n, 3)
+                    traj.append({"variant": variant, "iteration": it, "example_id": e["example_id"], "task": e["task"],
+                                 "sample_index": s, "seed": 1000 * it + 10 * n + s, "policy_version": f"models:/p/{it}",
+                                 "raw_text": (reasoning or "") + "answer", "reasoning": reasoning, "response": f"answer {s}",
+                                 "has_separator": reasoning is not None, "n_tokens": 40 + s, "finished": s != 2,
+                                 "template_version": "v1"})
+                    logprobs = ({str(c): math.log(0.6 if c == score else 0.1) for c in (1, 3, 5, 7, 10)}
+                                if kind == "llm" else None)
+                    judged.append({"variant": variant, "iteration": it, "example_id": e["example_id"], "task": e["task"],
+                                   "sample_index": s, "reward_kind": kind, "judge_model": "judge",
+                                   "template_version": "j1" if kind == "llm" else None, "reward": float(reward),
+                                   "score": score if kind == "llm" else None, "criterion_logprobs": logprobs,
+                                   "response_chars": 8, "reasoning_chars": len(reasoning or "")})
+    return traj, judged
+
+
+def _training_sets(examples, judged):
+    rows = [{"variant": "rest_pg", "iteration": 0, "example_id": e["example_id"], "sample_index": -1, "task": e["task"],
+             "prompt": e["input"], "completion": e["target"], "weight": 1.0, "source": "gold", "template_version": "v1"}
+            for e in examples if e["split"] == "train"]
+    rows += [{"variant": j["variant"], "iteration": j["iteration"], "example_id": j["example_id"],
+              "sample_index": j["sample_index"], "task": j["task"], "prompt": "p", "completion": "c",
+              "weight": j["reward"], "source": "trajectory", "template_version": "v1"}
+             for j in judged if j["reward"] >= 0.5]
+    return rows
+
+
+def _evaluation(examples):
+    preds, scores = [], []
+    test = [e for e in examples if e["split"] == "test"]
+    for v, variant in enumerate(VARIANTS):
+        for n, e in enumerate(test):
+            common = {"ablation": "", "variant": variant, "model_version": f"models:/p/{v + 1}", "split": "test",
+                      "example_id": e["example_id"], "task": e["task"]}
+            response = f"{e['target']} " + "extra " * (3 - v)
+            preds.append({**common, "user_id": e["user_id"], "raw_text": response,
+                          "reasoning": "- style" if "reason" in variant or variant == "rest_pg" else None,
+                          "response": response, "template_version": "v1"})
+            r = metrics.rouge(response, e["target"])
+            scores.append({**common, "reward_kind": "embedding", "judge_score": 0.5 + 0.08 * v + 0.01 * ((n * 3) % 4),
+                           "rouge1": r["rouge1"], "rougeL": r["rougeL"], "meteor": metrics.meteor(response, e["target"])})
+    return preds, scores
+
+
+def _repoint_names(spark, settings):
+    """Names like restpg.examples may belong to another test's home in this shared session."""
+    for name in catalog.TABLES:
+        ref = catalog.ref(settings, name)
+        if spark.catalog.tableExists(ref.fqn):
+            location = spark.sql(f"DESCRIBE DETAIL {ref.fqn}").first().location
+            if location.rstrip("/").removeprefix("file:") != ref.path.rstrip("/"):
+                spark.sql(f"DROP TABLE {ref.fqn}")  # external table: the data stays
+
+
+@pytest.fixture(scope="module")
+def tables(spark, tmp_path_factory):
+    settings = load_settings("local", home=str(tmp_path_factory.mktemp("notebook-home")))
+    _repoint_names(spark, settings)
+    examples = _examples()
+    traj, judged = _trajectories_and_scores(examples)
+    preds, scores = _evaluation(examples)
+    summary = metrics.summarize(pd.DataFrame(scores))
+    tests = metrics.pairwise_tests(pd.DataFrame(scores), alpha=0.05)
+    validation = [{"reward_kind": "embedding", "judge_model": "minilm", "check": "shuffle", "setting": f"{pct}% shuffled",
+                   "mean_reward": 0.7 - pct / 500, "n": 12, "slope": -0.2, "fit": True} for pct in (0, 50, 100)]
+    validation += [{"reward_kind": "embedding", "judge_model": "minilm", "check": "direct", "setting": s,
+                    "mean_reward": m, "n": 12, "slope": None, "fit": True}
+                   for s, m in (("self", 1.0), ("same_user", 0.6), ("other_user", 0.3))]
+    promotion = [{"model_name": "restpg-policy", "candidate_version": "2", "champion_version": "1",
+                  "decision": "champion", "split": "val", "candidate_score": 0.7, "champion_score": 0.6,
+                  "p_value": 0.01, "dry_run": False}]
+    writes = {"examples": examples, "trajectories": traj, "judge_scores": judged,
+              "training_sets": _training_sets(examples, judged), "eval_predictions": preds, "eval_scores": scores,
+              "eval_summary": summary.to_dict("records"), "eval_tests": tests.to_dict("records"),
+              "reward_validation": validation, "promotions": promotion}
+    for name, rows in writes.items():
+        rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+        catalog.replace_slice(spark, settings, _df(spark, name, rows), name, {}, run_id="nb-test")
+    catalog.register_tables(spark, settings)
+    return settings
+
+
+def test_every_notebook_runs(spark, tables, tmp_path):
+    paths = sorted(NOTEBOOK_DIR.glob("*.sql"))
+    assert paths, "no notebooks"
+    for path in paths:
+        text = path.read_text()
+        assert text.splitlines()[0] == notebooks.HEADER
+        cells = notebooks.parse_cells(text)
+        sql_cells = [c for c in cells if c.kind == "sql"]
+        assert sql_cells and cells[0].kind == "markdown"
+        results = notebooks.run_notebook(spark, path, tmp_path)
+        assert [r["cell"] for r in results] == [c.number for c in sql_cells]
+        for cell, r in zip(sql_cells, results):
+            csv = Path(r["csv"])
+            assert csv.parent == tmp_path / path.stem and csv.name.startswith(f"{cell.number:02d}_")
+            assert csv.exists() and len(pd.read_csv(csv)) == r["rows"]
+            if cell.chart:
+                assert Path(r["png"]).read_bytes()[:4] == b"\x89PNG", (path.name, cell.number)
+            else:
+                assert r["png"] is None
+    produced = {p.name for p in (tmp_path / "reward_analysis").iterdir()}
+    assert any(n.endswith(".png") for n in produced)
+
+
+def test_notebook_results_reflect_the_tables(spark, tables, tmp_path):
+    results = {r["title"]: r for r in notebooks.run_notebook(spark, NOTEBOOK_DIR / "evaluation.sql", tmp_path)}
+    table1 = pd.read_csv(next(r["csv"] for t, r in results.items() if t.startswith("Table 1")))
+    row = table1[(table1.metric == "judge_score") & (table1.variant == "rest_pg")].iloc[0]
+    assert row.macro == pytest.approx((row.product_review + row.topic_writing) / 2, abs=1e-3)
+    assert list(table1[table1.metric == "judge_score"].variant) == list(VARIANTS)
+
+    rewards = notebooks.run_notebook(spark, NOTEBOOK_DIR / "reward_analysis.sql", tmp_path)
+    hist = pd.read_csv(rewards[0]["csv"])
+    assert hist.n.sum() == 6 * 3 * 3  # 6 training inputs x 3 samples x 3 (variant, iteration) runs
+    crit = pd.read_csv(next(r["csv"] for r in rewards if "criterion" in r["title"]))
+    assert set(crit.criterion) == {1, 3, 5, 7, 10}
+    assert crit.mean_share_among_criteria.sum() == pytest.approx(2.0)  # two llm runs, shares sum to 1 each
+
+
+def test_missing_column_fails_with_cell_and_sql(spark, tables, tmp_path):
+    bad = tmp_path / "bad.sql"
+    bad.write_text("-- Databricks notebook source\n-- MAGIC %md\n-- MAGIC # Bad\n\n-- COMMAND ----------\n\n"
+                   "-- fine\nSELECT count(*) AS n FROM restpg.judge_scores\n\n-- COMMAND ----------\n\n"
+                   "-- broken\nSELECT no_such_column FROM restpg.judge_scores\n")
+    with pytest.raises(notebooks.NotebookError) as err:
+        notebooks.run_notebook(spark, bad, tmp_path / "out")
+    assert "cell 3" in str(err.value) and "SELECT no_such_column FROM restpg.judge_scores" in str(err.value)
+    assert (tmp_path / "out" / "bad" / "02_fine.csv").exists()
+
+
+def test_chart_on_missing_column_fails(spark, tables, tmp_path):
+    bad = tmp_path / "badchart.sql"
+    bad.write_text("-- Databricks notebook source\n-- chart: bar x=a y=nope\nSELECT 1 AS a, 2 AS b\n")
+    with pytest.raises(notebooks.NotebookError, match="cell 1.*nope"):
+        notebooks.run_notebook(spark, bad, tmp_path)
