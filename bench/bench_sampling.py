@@ -17,7 +17,7 @@ from restpg import generation, models  # noqa: E402
 from restpg.config import load_settings  # noqa: E402
 
 NEW_TOKENS = 48
-BUDGET_S = 150  # m=32 runs only if the smaller sizes left time for it (total < 4 min)
+BUDGET_S = 150  # a size runs only while the sizes before it left time for it (total < 4 min)
 PROFILE = ("I bought this kettle for my office. It boils fast, the handle stays cool, and the lid opens "
            "with one hand. The blue light is a bit bright at night. ")
 
@@ -41,10 +41,11 @@ class PrefillCounter:
 
 
 def make_prompt(tokenizer, target_tokens: int = 170) -> str:
-    reviews = ""
-    while generation.count_tokens(tokenizer, generation.render_chat(tokenizer, reviews + "Write a review.")) < target_tokens - 25:
-        reviews += PROFILE
-    return generation.render_chat(tokenizer, f"My past reviews: {reviews}\nWrite a long, detailed review of a toaster in my style.")
+    """A chat prompt of about `target_tokens` tokens: past reviews, then the request."""
+    frame = "My past reviews: {}\nWrite a long, detailed review of a toaster in my style."
+    room = target_tokens - generation.count_tokens(tokenizer, generation.render_chat(tokenizer, frame.format("")))
+    reviews = tokenizer.decode(tokenizer(PROFILE * 20, add_special_tokens=False).input_ids[:room])
+    return generation.render_chat(tokenizer, frame.format(reviews))
 
 
 def plain(model, tokenizer, prompt: str, m: int) -> int:
@@ -78,19 +79,19 @@ def main() -> None:
     print(f"{'m':>3} {'method':<14} {'tokens':>6} {'seconds':>7} {'tok/s':>6} {'prefills':>8} {'prompt rows':>11}")
     started = time.perf_counter()
     for m in (1, 8, 32):
-        if m == 32 and time.perf_counter() - started > BUDGET_S / 3:
-            print("m=32 skipped: the smaller sizes took too long for the time budget")
+        if time.perf_counter() - started > BUDGET_S * (m / 40):
+            print(f"m={m} skipped: the smaller sizes took too long for the time budget (a busy machine?)")
             break
-        rates = {}
-        for name, run in (("generate", plain), ("shared-prefill", shared)):
+        best = {"generate": 0.0, "shared-prefill": 0.0}
+        for name, run in [("generate", plain), ("shared-prefill", shared)] * 2:  # alternated: load drifts
             t0 = time.perf_counter()
             tokens = run(model, tokenizer, prompt, m)
             seconds = time.perf_counter() - t0
             calls, rows = counter.take()
-            rates[name] = tokens / seconds
-            print(f"{m:>3} {name:<14} {tokens:>6} {seconds:>7.2f} {rates[name]:>6.1f} {calls:>8} {rows:>11}")
-        print(f"{m:>3} ratio shared-prefill / generate: {rates['shared-prefill'] / rates['generate']:.2f}x")
-
+            best[name] = max(best[name], tokens / seconds)
+            print(f"{m:>3} {name:<14} {tokens:>6} {seconds:>7.2f} {tokens / seconds:>6.1f} {calls:>8} {rows:>11}")
+        print(f"{m:>3} ratio shared-prefill / generate (best of 2 each): "
+              f"{best['shared-prefill'] / best['generate']:.2f}x")
 
 if __name__ == "__main__":
     main()

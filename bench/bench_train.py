@@ -4,8 +4,10 @@ eager CPU vs torch-xla PJRT CPU, side by side in one process.
     .venv/bin/python bench/bench_train.py [--steps 4] [--home .restpg]
 
 Steady-state tokens/s leave out the first two steps (XLA compiles the forward/backward graph on
-step 1 and the optimizer graph with its initialised state on step 2). Prints one JSON line per device
-and a summary line; writes bench/out/train.json.
+step 1 and the optimizer graph with its initialised state on step 2). Wall-clock rates depend on
+what else runs on the machine; tokens per CPU-second (all threads of the process) do not, so both are
+reported, with the load average. Prints one JSON line per device and a summary line; writes
+bench/out/train.json.
 """
 from __future__ import annotations
 
@@ -48,16 +50,23 @@ def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> d
     cfg = TrainConfig(device=device, optimizer="adamw", lr=1e-5, warmup_steps=0, batch_size=batch, micro_batch_size=batch,
                       max_steps=steps, epochs=1e6, length_buckets=[length], eval_every=10 ** 9, log_every=1)
     data = fixed_batches(model.config.vocab_size, batch * steps, length)
+    # CPU seconds per step (all threads of this process, XLA's included) do not depend on what else
+    # runs on the machine; wall seconds do. log_every=1 makes fit sync and call back after every step.
+    marks = [time.process_time()]
     started = time.time()
-    result = train.fit(model, data, [], cfg, pad_id=0)
+    result = train.fit(model, data, [], cfg, pad_id=0, log_metrics=lambda metrics, step: marks.append(time.process_time()))
     wall = time.time() - started
+    cpu_seconds = [b - a for a, b in zip(marks, marks[1:])]
     tokens_per_step = batch * length
     steady = result.step_seconds[2:] or result.step_seconds[1:]
+    steady_cpu = cpu_seconds[2:] or cpu_seconds[1:]
     return {"device": result.device, "steps": steps, "tokens_per_step": tokens_per_step,
             "first_step_s": round(result.step_seconds[0], 1), "second_step_s": round(result.step_seconds[1], 1),
             "steady_step_s": round(statistics.mean(steady), 2),
             "steady_tokens_per_s": round(tokens_per_step / statistics.mean(steady), 1),
             "overall_tokens_per_s": round(result.tokens_per_s, 1), "compilations": result.compilations,
+            "first_step_cpu_s": round(cpu_seconds[0], 1), "steady_step_cpu_s": round(statistics.mean(steady_cpu), 2),
+            "tokens_per_cpu_s": round(tokens_per_step / statistics.mean(steady_cpu), 1),
             "wall_s": round(wall, 1), "first_loss": round(result.first_loss, 4), "final_loss": round(result.final_loss, 4)}
 
 
@@ -83,7 +92,9 @@ def main() -> int:
         print(json.dumps(row))
     cpu, xla = rows
     summary = {"model": POLICY, "dtype": "float32", "batch": f"{args.batch}x{args.length}", "threads": torch.get_num_threads(),
+               "load_avg_1m": round(os.getloadavg()[0], 1),
                "xla_over_eager_steady": round(xla["steady_tokens_per_s"] / cpu["steady_tokens_per_s"], 2),
+               "xla_over_eager_per_cpu_s": round(xla["tokens_per_cpu_s"] / cpu["tokens_per_cpu_s"], 2),
                "first_loss_rel_diff": abs(xla["first_loss"] - cpu["first_loss"]) / cpu["first_loss"]}
     print(json.dumps(summary))
     out = Path(__file__).with_name("out")

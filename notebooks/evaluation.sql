@@ -74,7 +74,7 @@ ORDER BY score_bucket, variant
 SELECT variant, task, count(*) AS outputs,
        avg(length(response)) AS mean_response_chars,
        avg(coalesce(length(reasoning), 0)) AS mean_reasoning_chars,
-       avg(CASE WHEN reasoning IS NULL OR reasoning = '' THEN 1.0 ELSE 0.0 END) AS no_reasoning_rate
+       avg(CASE WHEN reasoning IS NULL OR reasoning = '' THEN 1 ELSE 0 END) AS no_reasoning_rate
 FROM restpg.eval_predictions
 WHERE ablation = ''
 GROUP BY ALL

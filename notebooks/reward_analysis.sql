@@ -29,7 +29,7 @@ WITH grid AS (SELECT CAST(id AS DOUBLE) / 10 AS tau FROM range(0, 11))
 SELECT concat(j.variant, ' / it ', j.iteration) AS run,
        j.reward_kind,
        g.tau,
-       avg(CASE WHEN j.reward >= g.tau THEN 1.0 ELSE 0.0 END) AS output_pass_rate,
+       avg(CASE WHEN j.reward >= g.tau THEN 1 ELSE 0 END) AS output_pass_rate,
        count(DISTINCT CASE WHEN j.reward >= g.tau THEN j.example_id END) / count(DISTINCT j.example_id) AS input_coverage,
        count(*) AS outputs
 FROM restpg.judge_scores j CROSS JOIN grid g
@@ -135,8 +135,8 @@ ORDER BY try_cast(criterion AS INT), criterion, run
 SELECT concat(variant, ' / it ', iteration) AS run,
        count(*) AS outputs,
        count(DISTINCT example_id) AS inputs,
-       avg(CASE WHEN has_separator THEN 1.0 ELSE 0.0 END) AS separator_rate,
-       avg(CASE WHEN finished THEN 1.0 ELSE 0.0 END) AS finished_rate,
+       avg(CASE WHEN has_separator THEN 1 ELSE 0 END) AS separator_rate,
+       avg(CASE WHEN finished THEN 1 ELSE 0 END) AS finished_rate,
        avg(n_tokens) AS mean_tokens,
        avg(length(reasoning)) AS mean_reasoning_chars,
        avg(length(response)) AS mean_response_chars

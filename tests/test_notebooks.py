@@ -161,42 +161,52 @@ def tables(spark, tmp_path_factory):
     return settings
 
 
-def test_every_notebook_runs(spark, tables, tmp_path):
+@pytest.fixture(scope="module")
+def ran(spark, tables, tmp_path_factory):
+    """Every notebook in notebooks/, run once: {notebook stem: (path, results)} and the output dir."""
+    out = tmp_path_factory.mktemp("notebook-out")
     paths = sorted(NOTEBOOK_DIR.glob("*.sql"))
-    assert paths, "no notebooks"
-    for path in paths:
+    return {p.stem: (p, notebooks.run_notebook(spark, p, out)) for p in paths}, out
+
+
+def test_every_notebook_runs(ran):
+    runs, out = ran
+    assert {"reward_analysis", "evaluation"} <= set(runs)
+    for stem, (path, results) in runs.items():
         text = path.read_text()
         assert text.splitlines()[0] == notebooks.HEADER
         cells = notebooks.parse_cells(text)
         sql_cells = [c for c in cells if c.kind == "sql"]
         assert sql_cells and cells[0].kind == "markdown"
-        results = notebooks.run_notebook(spark, path, tmp_path)
         assert [r["cell"] for r in results] == [c.number for c in sql_cells]
         for cell, r in zip(sql_cells, results):
             csv = Path(r["csv"])
-            assert csv.parent == tmp_path / path.stem and csv.name.startswith(f"{cell.number:02d}_")
+            assert csv.parent == out / stem and csv.name.startswith(f"{cell.number:02d}_")
             assert csv.exists() and len(pd.read_csv(csv)) == r["rows"]
+            assert r["rows"] > 0, (stem, cell.number, cell.title)  # the test tables feed every cell
             if cell.chart:
-                assert Path(r["png"]).read_bytes()[:4] == b"\x89PNG", (path.name, cell.number)
+                assert Path(r["png"]).read_bytes()[:4] == b"\x89PNG", (stem, cell.number)
             else:
                 assert r["png"] is None
-    produced = {p.name for p in (tmp_path / "reward_analysis").iterdir()}
-    assert any(n.endswith(".png") for n in produced)
 
 
-def test_notebook_results_reflect_the_tables(spark, tables, tmp_path):
-    results = {r["title"]: r for r in notebooks.run_notebook(spark, NOTEBOOK_DIR / "evaluation.sql", tmp_path)}
+def test_notebook_results_reflect_the_tables(ran):
+    runs, _ = ran
+    results = {r["title"]: r for r in runs["evaluation"][1]}
     table1 = pd.read_csv(next(r["csv"] for t, r in results.items() if t.startswith("Table 1")))
     row = table1[(table1.metric == "judge_score") & (table1.variant == "rest_pg")].iloc[0]
     assert row.macro == pytest.approx((row.product_review + row.topic_writing) / 2, abs=1e-3)
     assert list(table1[table1.metric == "judge_score"].variant) == list(VARIANTS)
 
-    rewards = notebooks.run_notebook(spark, NOTEBOOK_DIR / "reward_analysis.sql", tmp_path)
+    rewards = runs["reward_analysis"][1]
     hist = pd.read_csv(rewards[0]["csv"])
-    assert hist.n.sum() == 6 * 3 * 3  # 6 training inputs x 3 samples x 3 (variant, iteration) runs
+    assert hist.n.sum() == 12 * 3 * 3  # 12 training inputs x 3 samples x 3 (variant, iteration) runs
     crit = pd.read_csv(next(r["csv"] for r in rewards if "criterion" in r["title"]))
     assert set(crit.criterion) == {1, 3, 5, 7, 10}
     assert crit.mean_share_among_criteria.sum() == pytest.approx(2.0)  # two llm runs, shares sum to 1 each
+    tau = pd.read_csv(next(r["csv"] for r in rewards if "tau" in r["title"]))
+    assert (tau[tau.tau == 0.0].output_pass_rate == 1.0).all()
+    assert tau.groupby("run").output_pass_rate.apply(lambda s: s.is_monotonic_decreasing).all()
 
 
 def test_missing_column_fails_with_cell_and_sql(spark, tables, tmp_path):

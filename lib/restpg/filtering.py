@@ -27,7 +27,7 @@ def run(spark, settings: Settings, variant: str, iteration: int, run_id: str = "
     in_slice = (F.col("variant") == variant) & (F.col("iteration") == iteration)
     scores = catalog.read(spark, settings, "judge_scores").where(in_slice & (F.col("reward_kind") == kind))
     traj = catalog.read(spark, settings, "trajectories").where(in_slice).select("example_id", "sample_index", "raw_text")
-    scored = scores.join(traj, ["example_id", "sample_index"]).cache()
+    scored = scores.select("example_id", "sample_index", "task", "reward").join(traj, ["example_id", "sample_index"]).cache()
     total = scored.count()
     if total == 0:
         raise LookupError(f"no {kind} judge scores for variant={variant} iteration={iteration}: run `restpg judge` first")

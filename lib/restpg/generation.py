@@ -197,40 +197,54 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temp
     return results, stats
 
 
-def _sampler(ref: str, env: dict, id_col: str, parts: bool, chat: bool, budget: int, batch_rows: int, m: int,
-             params: dict, iteration: int, seed: int, with_worker_info: bool):
-    """The mapInPandas function: model from the worker's cache, prompts in batches of `batch_rows`."""
-    def run(batches):
+def prompts_of(tokenizer, chunk, chat: bool, budget: int) -> tuple[list[str], list[bool]]:
+    """Rendered prompts of a batch: a `prompt` column as is, or head/items/tail fitted to the budget."""
+    if "prompt" in chunk:
+        return list(chunk["prompt"]), [False] * len(chunk)
+    overhead = count_tokens(tokenizer, render_chat(tokenizer, "")) if chat else 0
+    fitted = [fit_prompt(tokenizer, head, list(items), tail, budget - overhead)
+              for head, items, tail in zip(chunk["head"], chunk["items"], chunk["tail"])]
+    return [render_chat(tokenizer, text) if chat else text for text, _ in fitted], [cut for _, cut in fitted]
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """What an executor needs to sample (small and picklable); called by mapInPandas on each partition."""
+
+    ref: str
+    env: dict
+    id_col: str
+    m: int
+    iteration: int
+    seed: int
+    params: dict
+    chat: bool
+    budget: int
+    batch_rows: int
+    with_worker_info: bool
+
+    def __call__(self, batches):
         import pandas as pd
 
-        settings = models.worker_settings(env)
+        settings = models.worker_settings(self.env)
         for pdf in batches:
-            model, tokenizer = models.cached_causal_lm(ref, settings)
-            for start in range(0, len(pdf), batch_rows):
-                chunk = pdf.iloc[start:start + batch_rows]
-                ids = [str(i) for i in chunk[id_col]]
-                if parts:
-                    overhead = count_tokens(tokenizer, render_chat(tokenizer, "")) if chat else 0
-                    fitted = [fit_prompt(tokenizer, h, list(i), t, budget - overhead)
-                              for h, i, t in zip(chunk["head"], chunk["items"], chunk["tail"])]
-                    prompts = [render_chat(tokenizer, p) if chat else p for p, _ in fitted]
-                    truncated = [tr for _, tr in fitted]
-                else:
-                    prompts, truncated = list(chunk["prompt"]), [False] * len(chunk)
-                seeds = [[sample_seed(i, j, iteration, seed) for j in range(m)] for i in ids]
-                samples, stats = sample(model, tokenizer, prompts, seeds, **params)
-                log.info("sampled %d prompts x %d (%d truncated): %d tokens, %d prefills", len(ids), m,
+            model, tokenizer = models.cached_causal_lm(self.ref, settings)  # loaded on the first batch only
+            for start in range(0, len(pdf), self.batch_rows):
+                chunk = pdf.iloc[start:start + self.batch_rows]
+                ids = [str(i) for i in chunk[self.id_col]]
+                prompts, truncated = prompts_of(tokenizer, chunk, self.chat, self.budget)
+                seeds = [[sample_seed(i, j, self.iteration, self.seed) for j in range(self.m)] for i in ids]
+                samples, stats = sample(model, tokenizer, prompts, seeds, **self.params)
+                log.info("sampled %d prompts x %d (%d truncated): %d tokens, %d prefills", len(ids), self.m,
                          sum(truncated), stats.new_tokens, stats.prefill_passes)
-                rows = [
-                    {id_col: i, "sample_index": j, "seed": seeds[k][j], "text": s.text, "n_tokens": s.n_tokens,
+                out = pd.DataFrame([
+                    {self.id_col: i, "sample_index": j, "seed": seeds[k][j], "text": s.text, "n_tokens": s.n_tokens,
                      "finished": s.finished, "prompt_truncated": truncated[k]}
                     for k, i in enumerate(ids) for j, s in enumerate(samples[k])
-                ]
-                out = pd.DataFrame(rows)
-                if with_worker_info:
-                    out["worker_pid"], out["worker_loads"] = os.getpid(), models.load_count(ref)
+                ])
+                if self.with_worker_info:
+                    out["worker_pid"], out["worker_loads"] = os.getpid(), models.load_count(self.ref)
                 yield out
-    return run
 
 
 def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: float, top_p: float,
@@ -241,20 +255,26 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     `prompt_col` is either the rendered prompt (string, used as is) or a struct (head, items, tail) that is
     fitted to `settings.prompt.max_input_tokens` with the model's own tokenizer on the executor (and
     rendered with the chat template when `chat`); `prompt_truncated` reports which prompts lost profile.
+    `with_worker_info` adds each row's worker pid and that worker's model-load count.
     """
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
 
     ref = models.resolve_ref(model_ref, settings)
     models.checkpoint_dir(ref, settings)  # convert/download once on the driver, not in every worker at once
-    parts = isinstance(df.schema[prompt_col].dataType, StructType)
-    columns = [F.col(f"{prompt_col}.{f}").alias(f) for f in ("head", "items", "tail")] if parts else [F.col(prompt_col).alias("prompt")]
+    if isinstance(df.schema[prompt_col].dataType, StructType):
+        columns = [F.col(f"{prompt_col}.{part}").alias(part) for part in ("head", "items", "tail")]
+    else:
+        columns = [F.col(prompt_col).alias("prompt")]
     schema = (f"`{id_col}` string, sample_index int, seed long, text string, n_tokens int, finished boolean, "
               "prompt_truncated boolean" + (", worker_pid int, worker_loads int" if with_worker_info else ""))
-    params = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "max_rows": max_rows}
-    run = _sampler(ref, models.worker_env(settings), id_col, parts, chat, settings.prompt.max_input_tokens,
-                   settings.spark.arrow_batch_rows, m, params, iteration, seed, with_worker_info)
+    job = SamplingJob(
+        ref=ref, env=models.worker_env(settings), id_col=id_col, m=m, iteration=iteration, seed=seed,
+        params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "max_rows": max_rows},
+        chat=chat, budget=settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,
+        with_worker_info=with_worker_info,
+    )
     df.sparkSession.sparkContext.setJobDescription(
         f"restpg sample: {m} x {max_new_tokens} tokens per prompt from {ref}, iteration {iteration}")
     log.info("sampling %d per prompt from %s (temperature %.2f, top-p %.2f)", m, ref, temperature, top_p)
-    return df.select(F.col(id_col).cast("string").alias(id_col), *columns).mapInPandas(run, schema)
+    return df.select(F.col(id_col).cast("string").alias(id_col), *columns).mapInPandas(job, schema)

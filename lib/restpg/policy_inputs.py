@@ -17,10 +17,13 @@ PROMPT_COLUMNS = "example_id string, prompt string, prompt_truncated boolean, te
 
 
 def with_retrievals(spark, settings: Settings, examples=None):
-    """Examples joined with their retrieved items (`item_texts`, best first; empty when none)."""
+    """Examples joined with their retrieved items (`item_texts`, best first; empty when none).
+    Examples that already carry `item_texts` (e.g. the profile-shuffle check) keep them."""
     from pyspark.sql import functions as F
 
     examples = examples if examples is not None else catalog.read(spark, settings, "examples")
+    if "item_texts" in examples.columns:
+        return examples
     retrieved = (catalog.read(spark, settings, "retrievals").where(F.col("retriever") == settings.models.retriever)
                  .select("example_id", F.transform("items", lambda it: it["text"]).alias("item_texts")))
     joined = examples.join(retrieved, "example_id", "left")

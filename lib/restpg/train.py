@@ -196,6 +196,8 @@ def _distributed_rank(kind: str) -> tuple[int, int]:
 
 
 def _average_gradients(params: list, kind: str, world: int) -> None:
+    """Mean of the ranks' gradients (DDP's semantics). Each rank normalised its loss by its own weighted
+    token count, so this equals one global batch only when the ranks' counts are equal."""
     grads = [p.grad for p in params if p.grad is not None]
     if kind == "xla":
         import torch_xla.core.xla_model as xm
