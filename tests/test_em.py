@@ -159,3 +159,30 @@ def test_embedding_reward_prefers_the_users_own_writing(spark, fresh_settings, a
     scored = judge.add_rewards(spark, fresh_settings, df).toPandas().pivot(index="user", columns="kind", values="reward")
     share = float((scored["own"] > scored["other"]).mean())
     assert share > 0.6, share
+
+
+def test_reward_validation_rows(spark, em):
+    from restpg import validate_reward
+
+    s, _ = em
+    report = validate_reward.run(spark, s, policy=s.models.policy, split="val", limit=8, run_id="rv")
+    rows = catalog.read(spark, s, "reward_validation").where("reward_kind = 'embedding'").toPandas()
+    shuffle = rows[rows["check"] == "shuffle"].sort_values("setting")
+    assert list(shuffle["setting"]) == ["S=0", "S=100", "S=25", "S=50", "S=75"]
+    assert shuffle["slope"].notna().all() and shuffle["mean_reward"].notna().all()
+    direct = rows[rows["check"] == "direct"].set_index("setting")["mean_reward"]
+    assert set(direct.index) == {"self", "same_user", "other_user"}
+    assert direct["self"] == pytest.approx(1.0, abs=1e-4)  # a text's cosine with itself
+    assert report["fit"] == bool(rows["fit"].all())
+
+
+def test_budget_ablation_lands_in_eval_summary(spark, em):
+    from restpg import ablations
+
+    s, _ = em
+    ablations.run(spark, s, "budget", budgets=[1, 2], run_id="abl")
+    got = {r.variant for r in catalog.read(spark, s, "eval_summary").where("ablation = 'budget' AND task = 'macro'").collect()}
+    assert got == {"rest_pg:m=1", "rest_pg:m=2"}
+    m1 = catalog.read(spark, s, "trajectories").where("variant = 'rest_pg:m=1'").count()
+    m2 = catalog.read(spark, s, "trajectories").where("variant = 'rest_pg:m=2'").count()
+    assert m2 == 2 * m1 > 0

@@ -62,6 +62,18 @@ def test_fit_prompt_keeps_the_instruction_and_cuts_profile_from_the_end(lm, kept
         assert text == head + tail
 
 
+def test_chat_prompts_fit_the_budget_with_the_template_counted(tiny, settings):
+    tokenizer = models.load_tokenizer(tiny, settings)
+    tokenizer.chat_template = "{% for m in messages %}<s>[user] {{ m['content'] }} [assistant]{% endfor %}"
+    long_items = ["<a>" + " one two" * 30 + "</a>", "<b> three</b>"]
+    chunk = pd.DataFrame({"head": ["Profile:"] * 2, "items": [["<a> one</a>"], long_items], "tail": ["Write."] * 2})
+    budget = generation.count_tokens(tokenizer, generation.render_chat(tokenizer, "Profile:<a> one</a>Write.")) + 2
+    prompts, truncated = generation.prompts_of(tokenizer, chunk, chat=True, budget=budget)
+    assert truncated == [False, True]
+    assert all(p.startswith("<s>[user] Profile:") and p.endswith("Write. [assistant]") for p in prompts)
+    assert generation.count_tokens(tokenizer, prompts[1]) <= budget
+
+
 def test_cache_expansion_with_left_padding_matches_plain_forwards(lm):
     model, tokenizer = lm
     m = 3

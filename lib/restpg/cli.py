@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("promote", help="move champion/challenger aliases for a candidate policy version")
     _common(p)
-    p.add_argument("--candidate", required=True, help="model version number")
+    p.add_argument("--candidate", required=True, help="model version number, or final:<variant> (its last trained version)")
     p.add_argument("--dry-run", action="store_true")
 
     p = sub.add_parser("notebook", help="run a SQL notebook against the local tables (CSV + PNG per cell)")

@@ -56,7 +56,8 @@ def render_chat(tokenizer, text: str) -> str:
     """The text as a user turn of the tokenizer's chat template (if it has one), ready for the answer."""
     if not getattr(tokenizer, "chat_template", None):
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    turn = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -201,7 +202,8 @@ def prompts_of(tokenizer, chunk, chat: bool, budget: int) -> tuple[list[str], li
     """Rendered prompts of a batch: a `prompt` column as is, or head/items/tail fitted to the budget."""
     if "prompt" in chunk:
         return list(chunk["prompt"]), [False] * len(chunk)
-    overhead = count_tokens(tokenizer, render_chat(tokenizer, "")) if chat else 0
+    # the template's own tokens, BOS not counted twice (fit_prompt counts it already)
+    overhead = count_tokens(tokenizer, render_chat(tokenizer, "")) - count_tokens(tokenizer, "") if chat else 0
     fitted = [fit_prompt(tokenizer, head, list(items), tail, budget - overhead)
               for head, items, tail in zip(chunk["head"], chunk["items"], chunk["tail"])]
     return [render_chat(tokenizer, text) if chat else text for text, _ in fitted], [cut for _, cut in fitted]

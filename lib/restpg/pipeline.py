@@ -191,6 +191,8 @@ def _notebooks(spark, s: Settings, p: Pipeline, extra: list[str]) -> str:
     if not src.is_dir():
         say(f"notebooks: {src} not found (installed without the repository), skipped")
         return ""
+    for table in catalog.TABLES:  # a cell over a table no stage of this run wrote reads it empty
+        catalog.ensure(spark, s, table)
     catalog.register_tables(spark, s)
     p.step("notebooks", "", {"files": sorted(f.name for f in src.glob("*.sql"))}, list(p.fingerprints),
            lambda rid, _: {"cells": len(notebooks.run_notebooks(spark, src, out)), "out": str(out)})
@@ -199,16 +201,17 @@ def _notebooks(spark, s: Settings, p: Pipeline, extra: list[str]) -> str:
 
 def _report(p: Pipeline, variants, mean_reward, evaluated, promotion, notebooks_out, s: Settings) -> None:
     lines = ["", "=" * 100, "restpg run — summary", ""]
-    lines.append("Training jobs (loss at the first step → last step; best validation loss):")
+    lines.append("Training jobs (training loss first → last step; validation loss of the start checkpoint → best):")
     for label, r in p.results.items():
         if label.startswith("train"):
-            ok = "falls" if r["final_loss"] < r["first_loss"] else "DOES NOT FALL"
-            lines.append(f"  {label:42} {r['first_loss']:.4f} → {r['final_loss']:.4f} ({ok}); val {r['best_val_loss']:.4f}; "
-                         f"{r['tokens_per_s']:.0f} tok/s on {r['device']}; {r['model_uri']}")
+            before, after = r.get("initial_val_loss", float("nan")), r["best_val_loss"]
+            ok = "falls" if after < before or r["final_loss"] < r["first_loss"] else "DOES NOT FALL"
+            lines.append(f"  {label:42} train {r['first_loss']:.4f} → {r['final_loss']:.4f}; val {before:.4f} → {after:.4f} "
+                         f"({ok}); {r['tokens_per_s']:.0f} tok/s on {r['device']}; {r['model_uri']}")
     for v, rewards in mean_reward.items():
         trend = " → ".join(f"{x:.4f}" for x in rewards)
-        verdict = "rises" if len(rewards) > 1 and rewards[-1] > rewards[0] else "does not rise" if len(rewards) > 1 else ""
-        lines.append(f"Mean {s.judge.reward} reward of {v} samples on the training inputs by iteration: {trend} ({verdict})")
+        verdict = ("" if len(rewards) < 2 else " (rises)" if rewards[-1] > rewards[0] else " (does not rise)")
+        lines.append(f"Mean {s.judge.reward} reward of {v} samples on the training inputs by iteration: {trend}{verdict}")
     for label, r in p.results.items():
         if label.startswith("filter"):
             lines.append(f"  {label:42} pass rate {r['pass_rate']:.2%} at tau={r['tau']} ({r['kept']} kept)")

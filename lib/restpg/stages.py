@@ -41,8 +41,13 @@ def run_command(spark, settings: Settings, args) -> dict:
             from restpg import validate_reward
             return validate_reward.run(spark, settings, run_id=rid)
         if cmd == "promote":
-            from restpg import promote
-            return promote.run(spark, settings, args.candidate, run_id=rid, dry_run=args.dry_run or None)
+            from restpg import promote, registry
+            candidate = args.candidate.strip()
+            if not candidate:
+                raise ValueError("--candidate is empty: give a model version number or final:<variant>")
+            if candidate.startswith("final:"):
+                candidate = registry.final_policy(settings, candidate.split(":", 1)[1], settings.loop.iterations).rsplit("/", 1)[1]
+            return promote.run(spark, settings, candidate, run_id=rid, dry_run=args.dry_run or None)
         if cmd == "notebook":
             from pathlib import Path
 

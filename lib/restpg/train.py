@@ -239,6 +239,7 @@ class FitResult:
     compilations: int
     device: str
     step_seconds: list = field(default_factory=list)  # wall time per step, exact only where the loss was fetched
+    initial_val_loss: float = math.nan  # the validation loss of the starting checkpoint
 
 
 @torch.no_grad()
@@ -275,6 +276,7 @@ def fit(model, train: list[dict], val: list[dict], cfg: TrainConfig, *, pad_id: 
     compiled_before = xla_compilations() if kind == "xla" else 0
     best_val, best_step, best_state = math.inf, 0, None
     pending, first_loss, final_loss, tokens, train_seconds, step_seconds = [], math.nan, math.nan, 0, 0.0, []
+    initial_val = evaluate(model, val, micro, cfg.length_buckets, pad_id, dev, kind) if val else math.nan
     started = time.time()
 
     for step in range(1, total_steps + 1):
@@ -332,7 +334,7 @@ def fit(model, train: list[dict], val: list[dict], cfg: TrainConfig, *, pad_id: 
     if best_state is not None and best_step != total_steps:
         model.load_state_dict(best_state, strict=False)
     return FitResult(total_steps, first_loss, final_loss, best_val, best_step, tokens / max(train_seconds, 1e-9),
-                     compilations, kind, step_seconds)
+                     compilations, kind, step_seconds, initial_val)
 
 
 # --------------------------------------------------------------------------- one training process
@@ -397,6 +399,7 @@ def train_worker(job: TrainJob) -> dict:
                  rank=rank, world=world)
     summary = {**job.meta, "step": result.best_step, "steps": result.steps, "best_val_loss": result.best_val_loss,
                "first_loss": result.first_loss, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
+               "initial_val_loss": result.initial_val_loss,
                "compilations": result.compilations, "device": result.device, "world_size": world,
                "lora_rank": cfg.lora_rank, "train_config": dataclasses.asdict(cfg)}
     if rank == 0:
@@ -590,6 +593,7 @@ def run(spark, settings: Settings, variant: str, iteration: int, *, init_ref: st
                 "val_loss": f"{summary['best_val_loss']:.6f}", "init_ref": init_ref, "run_id": mlflow_run_id})
     return {"model_uri": model_uri, "version": model_version, "run_id": mlflow_run_id, "steps": summary["steps"],
             "best_step": summary["step"], "first_loss": summary["first_loss"], "final_loss": summary["final_loss"],
+            "initial_val_loss": summary["initial_val_loss"],
             "best_val_loss": summary["best_val_loss"], "tokens_per_s": summary["tokens_per_s"],
             "compilations": summary["compilations"], "device": summary["device"], "train_rows": len(train_rows),
             "val_rows": len(val_rows), "training_set_version": version, "checkpoint_dir": str(out_dir)}
