@@ -153,9 +153,9 @@ def test_embedding_reward_prefers_the_users_own_writing(spark, fresh_settings, a
     rows = []
     for i, r in enumerate(recs):
         other = recs[(i + 1) % len(recs)]
-        rows.append((r["reviewerId"], "own", r["input"], r["output"], r["profile"][0]["reviewText"]))
-        rows.append((r["reviewerId"], "other", r["input"], r["output"], other["profile"][0]["reviewText"]))
-    df = spark.createDataFrame(rows, "user string, kind string, input string, target string, response string")
+        rows.append((i, "own", r["input"], r["output"], r["profile"][0]["reviewText"]))
+        rows.append((i, "other", r["input"], r["output"], other["profile"][0]["reviewText"]))
+    df = spark.createDataFrame(rows, "user int, kind string, input string, target string, response string")
     scored = judge.add_rewards(spark, fresh_settings, df).toPandas().pivot(index="user", columns="kind", values="reward")
     share = float((scored["own"] > scored["other"]).mean())
     assert share > 0.6, share

@@ -2,7 +2,7 @@
 embedding cosine, on the response only — never the reasoning → `judge_scores`."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Tuple
 
 import pandas as pd
 
@@ -33,7 +33,7 @@ def add_rewards(spark, settings: Settings, df):
         from restpg.embedding import cosine_rewards
 
         @F.pandas_udf("double")
-        def cosine(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
+        def cosine(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
             for responses, targets in batches:
                 yield pd.Series(cosine_rewards(responses.fillna("").tolist(), targets.fillna("").tolist(), ref, env))
 
@@ -63,7 +63,9 @@ def add_rewards(spark, settings: Settings, df):
                 out.append(text)
             yield pdf.assign(judge_prompt=out)
 
-    schema = df.schema.add("judge_prompt", "string")
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    schema = StructType([*df.schema.fields, StructField("judge_prompt", StringType())])  # `add` would mutate df's schema
     scored = scoring.score_df(df.mapInPandas(render, schema), ref, settings, [str(s) for s in scores], prompt_col="judge_prompt",
                               out_col="criterion_logprobs")
     pick = F.udf(lambda lp: pick_score(lp, scores), "int")
