@@ -48,3 +48,23 @@ def amazon_path() -> Path:
     if not AMAZON.exists():
         pytest.skip(f"shared Amazon sample not found at {AMAZON} (../shared is absent)")
     return AMAZON
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with a real tokenizer, built once for the suite."""
+    from test_models import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir) -> str:
+    return str(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def lm(tiny, settings):
+    from restpg import models
+
+    return models.load_causal_lm(tiny, settings)

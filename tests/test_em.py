@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_models import make_tiny_lm
 
 from restpg import catalog, filtering, judge, pipeline, sample
 from restpg.config import load_settings
@@ -25,11 +24,6 @@ def tiny_overrides(tiny: str) -> list[str]:
             "sample.max_new_tokens=6", "reason.max_new_tokens=6", "evaluate.max_new_tokens=6", "sample.chunk_examples=1",
             "prompt.max_input_tokens=200", "train.max_input_tokens=200", "train.max_output_tokens=64", "train.max_steps=2",
             "train.device=cpu", "train.length_buckets=[128, 256, 320]", "filter.tau=-1.0", f"filter.max_kept_per_input={CAP}"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(make_tiny_lm(tmp_path_factory.mktemp("tiny-lm")))
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from test_models import make_tiny_lm  # noqa: E402
 
 from restpg import generation, models  # noqa: E402
 from restpg.generation import fit_prompt, sample, sample_seed  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "10 apples and the lazy dog jumps over it all, a review", "an email"]
 SAMPLING = dict(temperature=0.8, top_p=0.9, max_new_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(make_tiny_lm(tmp_path_factory.mktemp("tiny-lm")))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny, settings):
-    return models.load_causal_lm(tiny, settings)
 
 
 def plain_next_logits(model, tokenizer, text: str, extra: list[int] = ()) -> torch.Tensor:

@@ -38,11 +38,6 @@ def make_tiny_lm(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
-
-
 def test_local_directory_loads_for_batched_generation(tiny_dir, settings):
     model, tokenizer = models.load_causal_lm(str(tiny_dir), settings)
     assert not model.training

@@ -9,22 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from test_models import make_tiny_lm  # noqa: E402
 
-from restpg import generation, models, scoring  # noqa: E402
+from restpg import generation, scoring  # noqa: E402
 
 PROMPTS = ["Score: ", "The lazy dog jumps over the quick brown fox, a review. Score:", "an email"]
 CANDIDATES = ["1", "10", " 10", "3 apples"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(make_tiny_lm(tmp_path_factory.mktemp("tiny-lm")))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny, settings):
-    return models.load_causal_lm(tiny, settings)
 
 
 @torch.inference_mode()

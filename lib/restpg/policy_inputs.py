@@ -39,7 +39,7 @@ def _tokenizer(ref: str, env_items: tuple):
 
 def _fitter(kind: str, policy_ref: str, env: dict, budget: int, max_item_chars: int):
     def fit(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from restpg import generation, models
+        from restpg import generation
 
         tokenizer = _tokenizer(policy_ref, tuple(sorted(env.items())))
         overhead = generation.count_tokens(tokenizer, generation.render_chat(tokenizer, "")) - \

@@ -62,7 +62,7 @@ def run(spark, settings: Settings, variant: str, iteration: int, *, policy: str 
     all_ids = sorted(r.example_id for r in inputs.select("example_id").collect())
     todo = missing_examples(spark, settings, variant, iteration, all_ids, cfg.m)
     say(f"sample {variant} t={iteration}: {len(all_ids)} inputs x m={cfg.m}, {len(all_ids) - len(todo)} already done, policy {policy}")
-    started, version, truncated = time.time(), None, 0
+    started, version = time.time(), None
     for start in range(0, len(todo), cfg.chunk_examples):
         chunk = todo[start:start + cfg.chunk_examples]
         part = inputs.where(F.col("example_id").isin(chunk))
