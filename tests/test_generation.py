@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -116,7 +117,9 @@ def test_rows_stop_at_end_of_sequence(tiny, settings):
     assert cut.finished and cut.n_tokens <= 2
 
 
-def test_spark_sampling_matches_direct_sampling_with_one_load_per_worker(spark, settings, tiny):
+def test_spark_sampling_matches_direct_sampling_with_one_load_per_worker(spark, settings, tiny, tmp_path):
+    # a path of its own: Python workers outlive test modules, so a shared ref may carry earlier loads
+    tiny = str(shutil.copytree(tiny, tmp_path / "tiny-copy"))
     small_batches = dataclasses.replace(settings, spark=dataclasses.replace(settings.spark, arrow_batch_rows=2))
     ids = [f"ex-{i}" for i in range(6)]
     prompts = [PROMPTS[i % len(PROMPTS)] + f" {i}" for i in range(6)]
