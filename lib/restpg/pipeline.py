@@ -167,20 +167,9 @@ def _promote(spark, s: Settings, p: Pipeline, finals: dict, variants: list, deps
     def go(rid, _):
         evaluate.run(spark, s, policies, split=s.promote.split, ablation="promotion", run_id=rid)
         return {**promote.run(spark, s, candidate.rsplit("/", 1)[1], run_id=rid,
-                              scores_fn=_promotion_scores(spark, s)), "_tables": ["promotions", "eval_scores"]}
+                              scores_fn=promote.eval_scores_fn(spark, s, ablation="promotion")), "_tables": ["promotions", "eval_scores"]}
 
     return p.step("promote", f"candidate={candidate}", _cfg(s.promote, s.evaluate, s.judge), deps + [str(sorted(policies.items()))], go)[1]
-
-
-def _promotion_scores(spark, s: Settings):
-    from pyspark.sql import functions as F
-
-    def scores(version: str):
-        uri = f"models:/{s.mlflow.policy_model_name}/{version}"
-        return (catalog.read(spark, s, "eval_scores")
-                .where((F.col("model_version") == uri) & (F.col("split") == s.promote.split) & (F.col("ablation") == "promotion"))
-                .select("example_id", "task", "judge_score").toPandas())
-    return scores
 
 
 def _notebooks(spark, s: Settings, p: Pipeline, extra: list[str]) -> str:

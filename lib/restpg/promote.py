@@ -20,15 +20,17 @@ def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
-def eval_scores_fn(spark, settings: Settings):
-    """Default evidence: eval_scores rows of ``models:/<name>/<version>`` on settings.promote.split
-    (several rows of one example, e.g. from ablations, are averaged)."""
+def eval_scores_fn(spark, settings: Settings, ablation: str | None = None):
+    """Default evidence: eval_scores rows of ``models:/<name>/<version>`` on settings.promote.split,
+    of one `ablation` tag if given (otherwise several rows of one example are averaged)."""
     from pyspark.sql import functions as F
 
     def scores(version: str):
         uri = model_uri(settings.mlflow.policy_model_name, version)
-        df = (catalog.read(spark, settings, "eval_scores")
-              .where((F.col("model_version") == uri) & (F.col("split") == settings.promote.split))
+        where = (F.col("model_version") == uri) & (F.col("split") == settings.promote.split)
+        if ablation is not None:
+            where = where & (F.col("ablation") == ablation)
+        df = (catalog.read(spark, settings, "eval_scores").where(where)
               .groupBy("example_id", "task").agg(F.avg("judge_score").alias("judge_score")))
         return df.toPandas()
     return scores

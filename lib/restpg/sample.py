@@ -77,12 +77,14 @@ def run(spark, settings: Settings, variant: str, iteration: int, *, policy: str 
         version = catalog.merge_insert(spark, settings, rows, "trajectories", run_id)
         progress(f"sample {variant} t={iteration}", min(start + cfg.chunk_examples, len(todo)), len(todo), started)
     inputs.unpersist()
-    stats = (catalog.read(spark, settings, "trajectories").where((F.col("variant") == variant) & (F.col("iteration") == iteration))
+    in_slice = (F.col("variant") == variant) & (F.col("iteration") == iteration)
+    stats = (catalog.read(spark, settings, "trajectories").where(in_slice)
              .agg(F.count("*").alias("rows"), F.countDistinct("example_id").alias("examples"),
                   F.sum(F.col("has_separator").cast("int")).alias("with_separator"),
-                  F.sum(F.col("finished").cast("int")).alias("finished"), F.sum("n_tokens").alias("tokens")).first().asDict())
+                  F.sum(F.col("finished").cast("int")).alias("finished"),
+                  F.sum(F.when(F.col("example_id").isin(todo), F.col("n_tokens"))).alias("tokens_this_run")).first().asDict())
     elapsed = time.time() - started
     return {"policy": policy, "sampled_examples": len(todo), "version": version, "seconds": round(elapsed, 1),
-            "tokens_per_s": round((stats["tokens"] or 0) / elapsed, 1) if todo and elapsed else None,
+            "tokens_per_s": round((stats["tokens_this_run"] or 0) / elapsed, 1) if todo and elapsed else None,
             "missing_separator": (stats["rows"] - (stats["with_separator"] or 0)) if prompts.uses_reasoning(variant) else None,
             **stats}
