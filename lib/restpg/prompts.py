@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from restpg import tasks
+from restpg import tasks, variants
 
 SEPARATOR = "\n=== Response ===\n"
-REASONING_VARIANTS = ("sft_reasoning", "rest_pg")
 TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v1"}
 
 
@@ -37,7 +36,7 @@ def template(name: str) -> Template:
 
 
 def uses_reasoning(variant: str) -> bool:
-    return variant.split(":")[0] in REASONING_VARIANTS
+    return variants.uses_reasoning(variant)
 
 
 def policy_template(variant: str) -> Template:
@@ -76,3 +75,46 @@ def split_reasoning(raw: str) -> tuple[str | None, str, bool]:
 
 def join_reasoning(reasoning: str, response: str) -> str:
     return f"{reasoning.strip()}{SEPARATOR}{response.strip()}"
+
+
+# Why a reasoning-variant output is unusable (format_ok = false: reward 0, never kept, an empty
+# response at evaluation). The paper's judge sees the response only; an output whose reasoning and
+# response cannot be told apart, that skipped the reasoning, or that was cut off has no response to judge.
+NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP = "no_separator", "empty_reasoning", "empty_response", "length_cap"
+FORMAT_ISSUES = (NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP)
+
+
+@dataclass(frozen=True)
+class Output:
+    reasoning: str | None  # None for plain variants and outputs without the separator
+    response: str          # what the judge compares with the expected output ("" when not format_ok)
+    format_ok: bool
+    format_issue: str | None  # one of FORMAT_ISSUES, None when format_ok
+
+
+SEPARATOR_ALLOWANCE = 8  # tokens the separator line may take in any tokenizer
+
+
+def output_budget(variant: str, max_reasoning_tokens: int, max_response_tokens: int) -> int:
+    """Generated-token cap of a variant: the response budget for plain variants; reasoning budget +
+    separator + response budget for reasoning variants, so the two never compete for one cap."""
+    if not uses_reasoning(variant):
+        return max_response_tokens
+    return max_reasoning_tokens + SEPARATOR_ALLOWANCE + max_response_tokens
+
+
+def parse_output(variant: str, raw: str, finished: bool = True) -> Output:
+    """Split a policy output into reasoning and response and check its format.
+
+    Plain variants: the whole text is the response (always format_ok). Reasoning variants need the
+    separator, a non-empty reasoning before it, a non-empty response after it, and to have stopped
+    on their own (end-of-sequence) rather than at the length cap."""
+    raw = raw or ""
+    if not uses_reasoning(variant):
+        return Output(None, raw.strip(), True, None)
+    reasoning, response, found = split_reasoning(raw)
+    issue = (NO_SEPARATOR if not found else EMPTY_REASONING if not reasoning else EMPTY_RESPONSE if not response
+             else LENGTH_CAP if not finished else None)
+    if issue:
+        return Output(reasoning, "", False, issue)
+    return Output(reasoning, response, True, None)

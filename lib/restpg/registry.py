@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from restpg.config import Settings
 
-BASE_OF = {"rest_em": "sft", "rest_pg": "sft_reasoning"}
+from restpg import variants
+
+
+def model_uri(settings: Settings, version) -> str:
+    """``models:/<policy model name>/<version>``: the one place such a URI is built."""
+    return f"models:/{settings.mlflow.policy_model_name}/{version}"
 
 
 def base_variant(variant: str) -> str:
     """The SFT variant an EM variant starts from (θ¹): ReST-EM from plain SFT, REST-PG from SFT with reasoning."""
-    return BASE_OF.get(variant.split(":")[0], variant)
+    return variants.base_of(variant)
 
 
 def trained_version(settings: Settings, variant: str, iteration: int) -> str | None:
@@ -27,7 +32,7 @@ def trained_version(settings: Settings, variant: str, iteration: int) -> str | N
     mine = [v for v in versions if v.tags.get("variant") == variant and str(v.tags.get("iteration")) == str(iteration)]
     if not mine:
         return None
-    return f"models:/{name}/{max(int(v.version) for v in mine)}"
+    return model_uri(settings, max(int(v.version) for v in mine))
 
 
 def sampling_policy(settings: Settings, variant: str, iteration: int) -> str:
@@ -40,7 +45,7 @@ def sampling_policy(settings: Settings, variant: str, iteration: int) -> str:
 
 
 def final_policy(settings: Settings, variant: str, iterations: int) -> str:
-    last = 0 if variant in ("sft", "sft_reasoning") else iterations
+    last = variants.final_iteration(variant, iterations)
     uri = trained_version(settings, variant, last)
     if uri is None:
         raise LookupError(f"no policy trained for {variant} iteration {last}")

@@ -49,16 +49,22 @@ def get_spark(settings: Settings):
     return spark
 
 
+def mlflow_uris(settings: Settings) -> tuple[str, str]:
+    """(tracking URI, registry URI): the profile's, or a SQLite file under the home directory."""
+    tracking = settings.mlflow.tracking_uri or f"sqlite:///{settings.home_dir / 'mlflow.db'}"
+    return tracking, settings.mlflow.registry_uri or tracking
+
+
 def setup_mlflow(settings: Settings) -> str:
     """Point MLflow at the profile's tracking server (local SQLite by default); returns experiment id."""
     import mlflow
 
     home = settings.home_dir
-    tracking = settings.mlflow.tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
+    tracking, registry = mlflow_uris(settings)
     if tracking.startswith("sqlite:"):
         home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(settings.mlflow.registry_uri or tracking)
+    mlflow.set_registry_uri(registry)
     exp = mlflow.get_experiment_by_name(settings.mlflow.experiment)
     if exp is None:
         location = None if on_databricks() or not tracking.startswith("sqlite:") else (home / "mlruns").as_uri()

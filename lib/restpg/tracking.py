@@ -16,17 +16,29 @@ def stage_run(settings: Settings, stage: str, params: dict | None = None):
 
     from restpg.runtime import setup_mlflow
 
+    from restpg import catalog
+
     setup_mlflow(settings)
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name=stage, nested=nested, tags={"restpg.stage": stage, "restpg.profile": settings.profile}) as run:
         if params:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         log = StageLog(stage, run.info.run_id)
-        yield log
+        outer = {k: dict(v) for k, v in catalog.lineage.items()}
+        for v in catalog.lineage.values():
+            v.clear()
+        try:
+            yield log
+        finally:
+            log.read.update(catalog.lineage["read"])
+            log.versions.update(catalog.lineage["written"])
+            for k, v in catalog.lineage.items():  # an enclosing stage (the pipeline) keeps what this one did
+                v.update({**outer[k], **v})
         mlflow.log_metric("seconds", time.time() - log.started)
-        if log.versions:
+        if log.versions or log.read:
             mlflow.log_dict({"read": log.read, "written": log.versions}, "lineage.json")
             mlflow.set_tags({f"table.{k}.version": v for k, v in log.versions.items()})
+            mlflow.set_tags({f"table.{k}.read_version": v for k, v in log.read.items()})
 
 
 class StageLog:
