@@ -1,7 +1,5 @@
-"""Databricks task: generate on the test split and score → `eval_predictions`, `eval_scores`, `eval_summary`."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `evaluate`: generate on the evaluation split and score → `eval_*`; publishes `candidate_version`."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    entry("evaluate")

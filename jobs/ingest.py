@@ -1,7 +1,5 @@
-"""Databricks task: ingest LongLaMP records into `examples` (bad records → `quarantine`)."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `ingest`: ingest LongLaMP records into `examples` (bad records → `quarantine`)."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["ingest", *sys.argv[1:]]))
+    entry("ingest")

@@ -1,7 +1,5 @@
-"""Databricks task: reward every trajectory of one (variant, iteration) → `judge_scores`."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `judge`: reward every trajectory of one (variant, iteration) → `judge_scores`."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["judge", *sys.argv[1:]]))
+    entry("judge")

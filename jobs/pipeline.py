@@ -1,7 +1,5 @@
-"""Databricks task: the whole pipeline in one task, skipping every stage whose slice is already complete."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `pipeline`: the whole run in one task, skipping every stage whose slice is already complete."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    entry("pipeline")

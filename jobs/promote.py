@@ -1,7 +1,5 @@
-"""Databricks task: move the champion/challenger aliases for a candidate policy version."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `promote`: score candidate and champion on the promotion split and move the aliases."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["promote", *sys.argv[1:]]))
+    entry("promote")

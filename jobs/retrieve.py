@@ -1,7 +1,5 @@
-"""Databricks task: top-k profile items per example (dense retriever) → `retrievals`."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `retrieve`: top-k items of each example's own profile (dense retriever) → `retrievals`."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["retrieve", *sys.argv[1:]]))
+    entry("retrieve")

@@ -1,7 +1,5 @@
-"""Databricks task: E-step, m samples per training input from θᵗ → `trajectories` (resumes a half-done slice)."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `sample`: E-step, m samples per training input from θᵗ → `trajectories` (resumes a half-done slice)."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["sample", *sys.argv[1:]]))
+    entry("sample")

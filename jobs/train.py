@@ -1,7 +1,5 @@
-"""Databricks task: train the policy on one (variant, iteration) slice of `training_sets`; registers a model version."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `train`: train the policy on one (variant, iteration) slice of `training_sets`; registers a model version."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    entry("train")

@@ -1,7 +1,5 @@
-"""Databricks task: is the reward fit to train on? (shuffled-profile and direct checks) → `reward_validation`."""
-import sys
-
-from restpg.cli import main
+"""Databricks task `validate_reward`: is the reward fit to train on? Fails the job with the numbers when it is not."""
+from restpg.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["validate-reward", *sys.argv[1:]]))
+    entry("validate_reward")

@@ -11,11 +11,11 @@ def _count(spark, settings, name, where="true"):
 
 def test_amazon_sample_ingests_with_stable_ids(spark, fresh_settings, amazon_path):
     s = fresh_settings
-    first = ingest.run(spark, s, str(amazon_path), task="product_review", split="train", run_id="r1")
+    first = ingest.run(spark, s, source=str(amazon_path), task="product_review", split="train", run_id="r1")
     assert first["records"] == 598 and first["valid"] == 598 and first["quarantined"] == 0
     v1 = catalog.version(spark, s, "examples")
     ids1 = {r.example_id for r in catalog.read(spark, s, "examples").select("example_id").collect()}
-    second = ingest.run(spark, s, str(amazon_path), task="product_review", split="train", run_id="r2")
+    second = ingest.run(spark, s, source=str(amazon_path), task="product_review", split="train", run_id="r2")
     assert second["inserted"] == 0 and second["already_present"] == 598
     ids2 = {r.example_id for r in catalog.read(spark, s, "examples").select("example_id").collect()}
     assert ids1 == ids2 and len(ids1) == 598
@@ -48,7 +48,7 @@ def test_bad_records_land_in_quarantine_with_reason(spark, fresh_settings, tmp_p
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    report = ingest.run(spark, fresh_settings, str(path), task="product_review", split="train", run_id="r")
+    report = ingest.run(spark, fresh_settings, source=str(path), task="product_review", split="train", run_id="r")
     assert report["valid"] == 2 and report["quarantined"] == 7 and report["records"] == 9
     q = {r.record_number: r.reason for r in catalog.read(spark, fresh_settings, "quarantine").collect()}
     assert q[2].startswith("not JSON")
@@ -58,7 +58,7 @@ def test_bad_records_land_in_quarantine_with_reason(spark, fresh_settings, tmp_p
     assert q[6].startswith("unknown task 'poetry_writing'")
     assert q[7] == "duplicate of record 1"
     assert q[9].startswith("not a JSON object")
-    again = ingest.run(spark, fresh_settings, str(path), task="product_review", split="train", run_id="r2")
+    again = ingest.run(spark, fresh_settings, source=str(path), task="product_review", split="train", run_id="r2")
     assert again["inserted"] == 0
     assert _count(spark, fresh_settings, "quarantine") == 7 and _count(spark, fresh_settings, "examples") == 2
 
@@ -67,7 +67,7 @@ def test_demo_data_covers_all_tasks_and_is_deterministic(spark, fresh_settings, 
     a, b = demo_data.generate(users_per_task=3, seed=1), demo_data.generate(users_per_task=3, seed=1)
     assert a == b
     path = demo_data.write(tmp_path / "demo.jsonl", users_per_task=3, seed=1)
-    report = ingest.run(spark, fresh_settings, str(path), run_id="demo")
+    report = ingest.run(spark, fresh_settings, source=str(path), run_id="demo")
     assert report["quarantined"] == 0
     assert set(report["tasks"]) == {"product_review", "abstract_generation", "topic_writing", "email_completion"}
     assert set(report["splits"]) == {"train", "val", "test"}
@@ -82,11 +82,11 @@ def test_parquet_and_json_array_sources(spark, fresh_settings, tmp_path):
              "profile": [{"summary": "s", "content": "c"}]} for i in range(3)]
     arr = tmp_path / "arr.json"
     arr.write_text(json.dumps(recs))
-    assert ingest.run(spark, fresh_settings, str(arr), split="test")["valid"] == 3
+    assert ingest.run(spark, fresh_settings, source=str(arr), split="test", run_id="r")["valid"] == 3
     pq = str(tmp_path / "pq")
     rows = [(r["task"], r["author"] + "p", r["input"], r["output"]) for r in recs]
     spark.createDataFrame(rows, "task string, author string, input string, output string").write.parquet(pq)
-    report = ingest.run(spark, fresh_settings, pq, split="test")
+    report = ingest.run(spark, fresh_settings, source=pq, run_id="r", split="test")
     assert report["valid"] == 3  # an absent profile is the cold-start case, not an error
     assert _count(spark, fresh_settings, "examples", "size(profile) = 0") == 3
 
@@ -94,11 +94,11 @@ def test_parquet_and_json_array_sources(spark, fresh_settings, tmp_path):
 def test_write_with_wrong_schema_fails_loudly(spark, fresh_settings):
     df = spark.createDataFrame([("x", 1)], "example_id string, surprise int")
     with pytest.raises(catalog.SchemaMismatch, match="missing columns"):
-        catalog.merge_insert(spark, fresh_settings, df, "examples", "r")
+        catalog.merge(spark, fresh_settings, df, "examples", "r")
 
 
 def test_unknown_task_or_split_argument_is_an_error(spark, fresh_settings, tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
-        ingest.run(spark, fresh_settings, str(tmp_path / "x.jsonl"), task="poems")
+        ingest.run(spark, fresh_settings, source=str(tmp_path / "x.jsonl"), run_id="r", task="poems")
     with pytest.raises(ValueError, match="unknown split"):
-        ingest.run(spark, fresh_settings, str(tmp_path / "x.jsonl"), split="holdout")
+        ingest.run(spark, fresh_settings, source=str(tmp_path / "x.jsonl"), run_id="r", split="holdout")

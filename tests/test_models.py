@@ -13,29 +13,7 @@ import torch  # noqa: E402
 
 from restpg import generation, models  # noqa: E402
 
-SMOLLM2 = "packaged:smollm2-135m-instruct"
-CORPUS = [f"The quick brown fox jumps over the lazy dog {i} times; 10 apples, 1 pear, a review, an email." for i in range(40)]
-
-
-def make_tiny_lm(path: Path) -> Path:
-    """A randomly initialised 2-layer Llama with a byte-level BPE tokenizer (adds BOS) saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(tok_models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from helpers import CORPUS, SMOLLM2, make_tiny_lm  # noqa: E402,F401
 
 
 def test_local_directory_loads_for_batched_generation(tiny_dir, settings):
@@ -53,8 +31,14 @@ def test_per_process_cache_loads_once(tiny_dir, settings):
     assert first is second and models.load_count(ref) == 1
 
 
+def test_packaged_conversion_is_shared_by_every_home(settings, fresh_settings):
+    """One converted checkpoint per machine: a second home reuses the first home's conversion."""
+    assert models.checkpoint_dir(SMOLLM2, settings) == models.checkpoint_dir(SMOLLM2, fresh_settings)
+    assert not models.checkpoint_dir(SMOLLM2, settings).is_relative_to(settings.home_dir)
+
+
 def test_packaged_smollm2_converts_once_and_generates(settings):
-    cache = settings.home_dir / "models" / "smollm2-135m-instruct"
+    cache = models.cache_dir(settings) / "smollm2-135m-instruct"
     was_cached = (cache / "config.json").exists()
     before = models.conversion_count()
     model, tokenizer = models.load_causal_lm(SMOLLM2, settings)
@@ -107,9 +91,14 @@ def test_mlflow_model_uri_resolves_to_the_checkpoint_inside(tiny_dir, fresh_sett
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
-@pytest.mark.skipif(not os.environ.get("RESTPG_SLOW_TESTS"), reason="converts 1.1 GB of Gemma weights (~1 min)")
+@pytest.mark.slow  # converts 1.1 GB of Gemma weights once (~1 min), cached machine-wide
 def test_packaged_gemma_converts(settings):
     model, tokenizer = models.load_causal_lm("packaged:gemma3-270m", settings)
     [[out]], _ = generation.sample(model, tokenizer, ["The capital of France is"], [[0]], temperature=0.0,
                                    top_p=1.0, max_new_tokens=4)
     assert out.n_tokens > 0
+    # the paper's Gemma family: digits are split and the chat template itself starts with BOS
+    assert len(tokenizer("10", add_special_tokens=False).input_ids) == 2
+    rendered = generation.render_chat(tokenizer, "hello")
+    ids = generation.encode(tokenizer, rendered)
+    assert rendered.startswith(tokenizer.bos_token) and ids.count(tokenizer.bos_token_id) == 1

@@ -11,17 +11,16 @@ from __future__ import annotations
 import dataclasses
 
 from restpg import evaluate, filtering, judge, registry, sample, train
+from restpg import variants as V
 from restpg.config import Settings
 from restpg.tracking import say
 
 
 def em_iteration(spark, settings: Settings, variant: str, t: int, run_id: str) -> str:
-    """sample → judge → filter → train for one (variant, t); returns the trained model URI."""
-    sample.run(spark, settings, variant, t, run_id=run_id)
-    judge.run(spark, settings, variant, t, run_id=run_id)
-    filtering.run(spark, settings, variant, t, run_id=run_id)
-    init = settings.models.policy if settings.train.restart_from == "base" else registry.sampling_policy(settings, variant, t)
-    return train.run(spark, settings, variant, t, init_ref=init)["model_uri"]
+    """sample → judge → filtering → train for one (variant, t); returns the trained model URI."""
+    for stage in (sample, judge, filtering):
+        stage.run(spark, settings, variant=variant, iteration=t, run_id=run_id)
+    return train.run(spark, settings, variant=variant, iteration=t, run_id=run_id)["model_uri"]
 
 
 def budget(spark, settings: Settings, budgets: list[int], run_id: str) -> dict:
@@ -31,12 +30,12 @@ def budget(spark, settings: Settings, budgets: list[int], run_id: str) -> dict:
         variant = f"rest_pg:m={m}"
         say(f"ablate budget: m={m}")
         policies[variant] = registry.trained_version(s, variant, 1) or em_iteration(spark, s, variant, 1, run_id)
-    return evaluate.run(spark, settings, policies, ablation="budget", run_id=run_id)
+    return evaluate.run(spark, settings, policies=policies, ablation="budget", run_id=run_id)
 
 
 def iterations(spark, settings: Settings, run_id: str) -> dict:
     policies = {}
-    for variant in ("rest_em", "rest_pg"):
+    for variant in V.EM_NAMES:
         base = registry.trained_version(settings, registry.base_variant(variant), 0)
         if base:
             policies[f"{variant}:t=0"] = base
@@ -46,7 +45,7 @@ def iterations(spark, settings: Settings, run_id: str) -> dict:
                 policies[f"{variant}:t={t}"] = uri
     if not policies:
         raise LookupError("no trained policies yet: run `restpg run` first")
-    return evaluate.run(spark, settings, policies, ablation="iterations", run_id=run_id)
+    return evaluate.run(spark, settings, policies=policies, ablation="iterations", run_id=run_id)
 
 
 def restart(spark, settings: Settings, run_id: str) -> dict:
@@ -57,10 +56,10 @@ def restart(spark, settings: Settings, run_id: str) -> dict:
             em_iteration(spark, s, variant, t, run_id)
     policies = {"rest_pg:base": registry.final_policy(settings, "rest_pg", settings.loop.iterations),
                 variant: registry.trained_version(s, variant, settings.loop.iterations)}
-    return evaluate.run(spark, settings, policies, ablation="restart", run_id=run_id)
+    return evaluate.run(spark, settings, policies=policies, ablation="restart", run_id=run_id)
 
 
-def run(spark, settings: Settings, kind: str, *, budgets: list[int] | None = None, run_id: str = "manual") -> dict:
+def run(spark, settings: Settings, *, kind: str, budgets: list[int] | None = None, run_id: str) -> dict:
     if kind == "budget":
         return budget(spark, settings, budgets or [2, 4, 8], run_id)
     if kind == "iterations":

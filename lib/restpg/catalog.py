@@ -2,8 +2,9 @@
 
 Locally a table is a Delta directory under ``$RESTPG_HOME/warehouse/<schema>/<name>`` registered in the
 session catalog as ``<schema>.<name>`` (so Spark SQL finds it by name); on Databricks it is the Unity
-Catalog table ``<catalog>.<schema>.<name>``. Writers go through `replace_slice`, `merge_insert` or
-`append` here, which check the DataFrame against the declared schema first.
+Catalog table ``<catalog>.<schema>.<name>``. Writers go through `replace_slice` or `merge` here, which
+check the DataFrame against the declared schema first. Reads never create anything: a table no stage
+has written is an error. Every read and write records the table version in `lineage`.
 """
 from __future__ import annotations
 

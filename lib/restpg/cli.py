@@ -1,38 +1,104 @@
-"""`restpg` command line: one sub-command per stage, each a thin call into the library."""
+"""`restpg` command line and the Databricks task entry point: one table of stages, one hop to each.
+
+Every stage `restpg.<name>` has `run(spark, settings, *, run_id, **arguments)`. A sub-command, a job file
+`jobs/<name>.py` and a bundle task key share that name; `entry(name)` is the whole path from a task's
+argv to the stage: parse → settings → Spark → tracked MLflow run → `restpg.<name>.run`.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
+from dataclasses import dataclass
 
 from restpg.config import ConfigError, describe, load_settings
 
 
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple
+    options: dict
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(*self.flags, **self.options)
+
+
+def arg(*flags, **options) -> Arg:
+    return Arg(flags, options)
+
+
+VARIANT = arg("--variant", required=True, help="sft | sft_reasoning | rest_em | rest_pg")
+ITERATION = arg("--iteration", type=int, required=True, help="EM iteration t (0 = the SFT slice)")
+
+
+@dataclass(frozen=True)
+class Stage:
+    help: str
+    args: tuple = ()
+    aliases: tuple = ()
+
+
+# name → what it does and its arguments; the module restpg.<name> has run(spark, settings, *, run_id, ...).
+STAGES = {
+    "ingest": Stage("LongLaMP JSON lines / JSON / Parquet → examples (+ quarantine)", (
+        arg("--source", required=True, help="file or Parquet directory"),
+        arg("--task", default=None, help="product_review | abstract_generation | topic_writing | email_completion (else the record's 'task')"),
+        arg("--split", default=None, help="train | val | test (else the record's 'split', else by user hash)"))),
+    "retrieve": Stage("top-k items of each example's own profile → retrievals"),
+    "reason": Stage("teacher-written reasoning paths for the training inputs → reasoning_paths", aliases=("synthesize_reasoning",)),
+    "sft_data": Stage("iteration-0 training sets of sft and sft_reasoning → training_sets", (
+        arg("--variant", dest="variants", action="append", default=None, help="sft and/or sft_reasoning (default both)"),),
+        aliases=("build-sft", "build_sft")),
+    "train": Stage("train the policy on one training-set slice; registers a model version", (
+        VARIANT, arg("--iteration", type=int, default=0, help="EM iteration t (0 = SFT)"),
+        arg("--init", dest="init_ref", default=None, help="start checkpoint (default: chosen by train.restart_from)"))),
+    "validate_reward": Stage("is the reward fit to train on? shuffled-profile and direct checks on the SFT model", (
+        arg("--policy", default=None, help="policy whose outputs are checked (default: the SFT model)"),
+        arg("--allow-unfit-reward", dest="allow_unfit", action="store_const", const=True, default=None,
+            help="record the verdict and go on when the reward is unfit")), aliases=("validate-reward",)),
+    "sample": Stage("E-step: m samples per training input → trajectories", (
+        VARIANT, ITERATION, arg("--model", dest="policy", default=None, help="policy model URI (default: θᵗ of the variant)"))),
+    "judge": Stage("reward every trajectory of a slice → judge_scores", (VARIANT, ITERATION)),
+    "filtering": Stage("keep reward ≥ τ, ≤ max per input → training set of iteration t", (VARIANT, ITERATION), aliases=("filter",)),
+    "evaluate": Stage("generate on the evaluation split and score → eval_* tables; publishes candidate_version", (
+        arg("--variant", dest="variants", action="append", default=None, help="variant(s) to evaluate (default all)"),
+        arg("--split", default=None, help="split to evaluate (default evaluate.split)"))),
+    "promote": Stage("score candidate and champion on the promotion split and move aliases", (
+        arg("--candidate", default=None, help="model version, or final:<variant> (default: the run's final REST-PG policy)"),
+        arg("--dry-run", dest="dry_run", action="store_const", const=True, default=None, help="decide without moving aliases"))),
+    "ablations": Stage("paper ablations as tagged runs: budget | iterations | restart", (
+        arg("kind", choices=["budget", "iterations", "restart"]),
+        arg("--m", dest="budgets", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
+            help="exploration budgets for 'budget', e.g. 2,4,8")), aliases=("ablate",)),
+    "pipeline": Stage("the whole run: ingest → retrieve → reason → SFT → validate → EM → evaluate → promote", (
+        arg("--variants", type=lambda s: s.split(","), default=None, help="comma-separated variants (default from the profile)"),
+        arg("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if complete")),
+        aliases=("run",)),
+}
+ALIASES = {alias: name for name, stage in STAGES.items() for alias in stage.aliases}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="local", help="profile name (local, local-gemma, databricks) or YAML path")
+    p.add_argument("--profile", default="local", help="profile name (local, local-gemma, paper-smoke, databricks) or YAML path")
     p.add_argument("--home", default=None, help="local state directory (default $RESTPG_HOME or ./.restpg)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one profile value, e.g. --set sample.m=8 (repeatable)")
 
 
-def _variant_iter(p: argparse.ArgumentParser, iteration_default: int | None = None) -> None:
-    p.add_argument("--variant", required=True, help="sft | sft_reasoning | rest_em | rest_pg")
-    p.add_argument("--iteration", type=int, default=iteration_default, required=iteration_default is None, help="EM iteration t")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="restpg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="restpg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, aliases=list(stage.aliases))
+        _common(p)
+        for a in stage.args:
+            a.add_to(p)
 
     p = sub.add_parser("demo-data", help="write deterministic synthetic LongLaMP users (all four tasks)")
     _common(p)
     p.add_argument("--out", default=None, help="output JSON-lines path (default $RESTPG_HOME/demo/demo.jsonl)")
     p.add_argument("--users", type=int, default=None, help="users per task (default from the profile)")
-
-    p = sub.add_parser("ingest", help="LongLaMP JSON lines / JSON / Parquet → examples (+ quarantine)")
-    _common(p)
-    p.add_argument("--source", required=True, help="file or Parquet directory")
-    p.add_argument("--task", default=None, help="product_review | abstract_generation | topic_writing | email_completion (else the record's 'task')")
-    p.add_argument("--split", default=None, help="train | val | test (else the record's 'split', else by user hash)")
 
     p = sub.add_parser("sql", help="run Spark SQL against the tables by name (restpg.<table>)")
     _common(p)
@@ -40,64 +106,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--limit", type=int, default=100)
 
-    p = sub.add_parser("retrieve", help="top-k profile items per example → retrievals")
-    _common(p)
-
-    p = sub.add_parser("reason", help="teacher-written reasoning paths → reasoning_paths")
-    _common(p)
-
-    p = sub.add_parser("build-sft", help="iteration-0 training sets for sft and sft_reasoning")
-    _common(p)
-
-    p = sub.add_parser("train", help="train the policy on one training-set slice; registers a model version")
-    _common(p)
-    _variant_iter(p, 0)
-    p.add_argument("--init", default=None, help="start checkpoint (default: the base policy)")
-
-    p = sub.add_parser("sample", help="E-step: m samples per training input → trajectories")
-    _common(p)
-    _variant_iter(p)
-    p.add_argument("--model", default=None, help="policy model URI (default: latest version for the variant)")
-
-    p = sub.add_parser("judge", help="reward every trajectory → judge_scores")
-    _common(p)
-    _variant_iter(p)
-
-    p = sub.add_parser("filter", help="keep reward ≥ τ, ≤ max per input → training set of iteration t")
-    _common(p)
-    _variant_iter(p)
-
-    p = sub.add_parser("evaluate", help="generate on the test split and score → eval_* tables")
-    _common(p)
-    p.add_argument("--variant", action="append", default=None, help="variant(s) to evaluate (default all)")
-
-    p = sub.add_parser("validate-reward", help="is the reward fit to train on? (shuffle + direct checks)")
-    _common(p)
-
-    p = sub.add_parser("promote", help="move champion/challenger aliases for a candidate policy version")
-    _common(p)
-    p.add_argument("--candidate", required=True, help="model version number, or final:<variant> (its last trained version)")
-    p.add_argument("--dry-run", action="store_true")
-
     p = sub.add_parser("notebook", help="run a SQL notebook against the local tables (CSV + PNG per cell)")
     _common(p)
     p.add_argument("action", choices=["run"])
     p.add_argument("file")
     p.add_argument("--out", default=None)
 
-    p = sub.add_parser("run", help="the whole pipeline: ingest → retrieve → reason → SFT → EM → evaluate → promote")
-    _common(p)
-    p.add_argument("--variants", default=None, help="comma-separated variants (default from the profile)")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if complete")
-
-    p = sub.add_parser("ablate", help="paper ablations as tagged runs: budget | iterations | restart")
-    _common(p)
-    p.add_argument("kind", choices=["budget", "iterations", "restart"])
-    p.add_argument("--m", default="2,4,8", help="exploration budgets for 'budget'")
-
     p = sub.add_parser("config", help="list every setting with its default and help")
     _common(p)
     return parser
+
+
+def stage_arguments(name: str, args: argparse.Namespace) -> dict:
+    """The keyword arguments of restpg.<name>.run taken from parsed arguments."""
+    dests = [a.options.get("dest") or a.flags[0].lstrip("-").replace("-", "_") for a in STAGES[name].args]
+    return {d: getattr(args, d) for d in dests}
+
+
+def run_stage(name: str, spark, settings, **arguments) -> dict:
+    """restpg.<name>.run inside a tracked MLflow run (a child run when one is active)."""
+    from restpg.tracking import stage_run
+
+    module = importlib.import_module(f"restpg.{name}")
+    with stage_run(settings, name, arguments) as log:
+        return module.run(spark, settings, run_id=log.run_id, **arguments)
+
+
+def _print_df(pdf, fmt: str) -> None:
+    if fmt == "csv":
+        pdf.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        print(pdf.to_json(orient="records", date_format="iso"))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+            print(pdf.to_string(index=False) if len(pdf) else "(no rows)")
+
+
+def _tool(command: str, args, settings) -> int:
+    """Sub-commands that are not stages: demo data, SQL, notebooks."""
+    if command == "demo-data":
+        from restpg import demo_data
+
+        d = settings.data
+        out = args.out or str(settings.home_dir / "demo" / "demo.jsonl")
+        print(demo_data.write(out, users_per_task=args.users or d.demo_users, profile_items=d.demo_profile_items,
+                              examples_per_user=d.demo_examples_per_user, seed=d.demo_seed))
+        return 0
+    from restpg.runtime import get_spark
+
+    spark = get_spark(settings)
+    if command == "sql":
+        _print_df(spark.sql(args.query).limit(args.limit).toPandas(), args.format)
+        return 0
+    from pathlib import Path
+
+    from restpg import notebooks
+
+    out = args.out or str(settings.home_dir / "reports" / "notebooks")
+    print(json.dumps({"cells": notebooks.run_notebook(spark, Path(args.file), out), "out": out}, indent=1, default=str))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,23 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"restpg: configuration error: {e}", file=sys.stderr)
         return 2
-    if args.command == "config":
+    command = ALIASES.get(args.command, args.command)
+    if command == "config":
         for key, default, help_ in describe():
-            print(f"{key:32} {default:24} {help_}")
+            print(f"{key:36} {default:24} {help_}")
         return 0
-    if args.command == "demo-data":
-        from restpg import demo_data
+    if command not in STAGES:
+        return _tool(command, args, settings)
+    from restpg.runtime import get_spark
 
-        d = settings.data
-        out = args.out or str(settings.home_dir / "demo" / "demo.jsonl")
-        path = demo_data.write(out, users_per_task=args.users or d.demo_users, profile_items=d.demo_profile_items,
-                               examples_per_user=d.demo_examples_per_user, seed=d.demo_seed)
-        print(path)
-        return 0
+    result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
+    print(json.dumps(result, indent=1, default=str))
+    return 0
 
-    from restpg import commands
 
-    return commands.dispatch(args, settings)
+def entry(name: str, argv: list[str] | None = None) -> None:
+    """What `jobs/<name>.py` calls: the stage's sub-command with the task's parameters."""
+    sys.exit(main([name, *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

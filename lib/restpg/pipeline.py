@@ -1,30 +1,38 @@
-"""`restpg run`: ingest → retrieve → reason → SFT → EM (sample → judge → filter → train) × T →
-evaluate → promote → notebooks, skipping every stage whose slice is complete for the same inputs
-and config (so a crashed run restarts where it stopped); `--force STAGE` redoes one."""
+"""`restpg pipeline` (alias `run`): the stages in order, nothing else.
+
+ingest → retrieve → reason → sft_data → train (SFT) → validate_reward → per EM iteration t
+(sample → judge → filtering → train) → evaluate → promote → notebooks. Every decision (which checkpoint
+a training job starts from, which model is the candidate) belongs to the stage; this module only orders
+them and skips a stage whose slice is complete for the same inputs and config (a fingerprint of the
+stage, its slice, its config and its upstream fingerprints), so a crashed run restarts where it
+stopped; `--force STAGE` redoes one.
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
 
-from restpg import catalog, prompts, registry
+from restpg import catalog, prompts
+from restpg import variants as V
 from restpg.config import Settings
 from restpg.tracking import say, stage_run
 
-EM_VARIANTS = ("rest_em", "rest_pg")
-STAGES = ("ingest", "retrieve", "reason", "build-sft", "train", "sample", "judge", "filter", "evaluate", "promote", "notebooks")
+STAGES = ("ingest", "retrieve", "reason", "sft_data", "train", "validate_reward", "sample", "judge", "filtering",
+          "evaluate", "promote", "notebooks")
 
 
 def _cfg(*sections) -> dict:
     return {type(s).__name__: dataclasses.asdict(s) for s in sections}
 
 
-class Pipeline:
-    """Runs stages with fingerprints: hash(stage, slice, config, upstream fingerprints)."""
+class Steps:
+    """Runs stages with fingerprints and records each completed one in `stage_runs`."""
 
-    def __init__(self, spark, settings: Settings, force: set[str] = frozenset()):
+    def __init__(self, spark, settings: Settings, force=frozenset()):
         unknown = set(force) - set(STAGES)
         if unknown:
             raise ValueError(f"--force takes stage names ({', '.join(STAGES)}), not {', '.join(sorted(unknown))}")
@@ -33,14 +41,14 @@ class Pipeline:
         self.fingerprints: list[str] = []
 
     def _done(self, stage: str, slice_: str):
-        from pyspark.sql import functions as F
-
-        rows = (catalog.read(self.spark, self.settings, "stage_runs")
-                .where((F.col("stage") == stage) & (F.col("slice") == slice_)).collect())
+        if not catalog.exists(self.spark, self.settings, "stage_runs"):
+            return None
+        rows = catalog.read_slice(self.spark, self.settings, "stage_runs", {"stage": stage, "slice": slice_}).collect()
         return rows[0] if rows else None
 
-    def step(self, stage: str, slice_: str, config: dict, deps: list[str], fn) -> tuple[str, dict]:
-        """`fn(run_id, fresh)` runs the stage; `fresh` says the slice holds rows of other inputs."""
+    def run(self, stage: str, slice_: str, config: dict, deps: list[str], fn=None, **arguments) -> tuple[str, dict]:
+        """restpg.<stage>.run(spark, settings, run_id=…, **arguments) unless complete; `fn(run_id, redo)`
+        replaces it for steps that are not one stage call (`redo`: the slice holds rows of other inputs)."""
         fp = hashlib.sha1(json.dumps([stage, slice_, config, deps], sort_keys=True, default=str).encode()).hexdigest()[:16]
         done = self._done(stage, slice_)
         label = f"{stage} [{slice_}]" if slice_ else stage
@@ -49,22 +57,26 @@ class Pipeline:
             result = json.loads(done.result)
         else:
             say(f"run {label}")
-            with stage_run(self.settings, label, {"slice": slice_, "fingerprint": fp}) as log:
-                result = fn(log.run_id, done is not None)
-                versions = {t: catalog.version(self.spark, self.settings, t) for t in result.pop("_tables", [])}
-                for t, v in versions.items():
-                    log.wrote(t, v)
+            with stage_run(self.settings, label, {"slice": slice_, "fingerprint": fp, **arguments}) as log:
+                if fn is None:
+                    result = importlib.import_module(f"restpg.{stage}").run(self.spark, self.settings, run_id=log.run_id, **arguments)
+                else:
+                    result = fn(log.run_id, done is not None)
                 import mlflow
 
                 mlflow.log_dict(result, "result.json")
-            row = [(stage, slice_, fp, versions, json.dumps(result, default=str), int(result.get("rows") or 0), log.run_id)]
-            df = self.spark.createDataFrame(row, "stage string, slice string, fingerprint string, output_versions map<string,bigint>, result string, rows bigint, run_id string")
-            from pyspark.sql import functions as F
-
-            catalog.upsert(self.spark, self.settings, df.withColumn("created_at", F.current_timestamp()), "stage_runs", log.run_id)
+            self._record(stage, slice_, fp, log, result)
         self.results[label] = result
         self.fingerprints.append(fp)
         return fp, result
+
+    def _record(self, stage, slice_, fp, log, result) -> None:
+        from pyspark.sql import functions as F
+
+        row = [(stage, slice_, fp, dict(log.versions), json.dumps(result, default=str), int(result.get("rows") or 0), log.run_id)]
+        df = self.spark.createDataFrame(row, "stage string, slice string, fingerprint string, output_versions map<string,bigint>, "
+                                             "result string, rows bigint, run_id string")
+        catalog.merge(self.spark, self.settings, df.withColumn("created_at", F.current_timestamp()), "stage_runs", log.run_id, update=True)
 
 
 def _source(settings: Settings) -> tuple[str, str | None]:
@@ -86,93 +98,59 @@ def _source_identity(settings: Settings, source: str, task: str | None) -> dict:
     return {"source": source, "task": task, "size": stat and stat.st_size, "mtime": stat and stat.st_mtime}
 
 
-def run(spark, settings: Settings, variants: list[str] | None = None, force: set[str] = frozenset()) -> dict:
+def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = None, force=()) -> dict:
+    """The whole run for `variants` (default loop.variants); returns every stage's result."""
     import mlflow
 
-    from restpg import evaluate, filtering, ingest, judge, reason, retrieve, sample, sft_data, train
-    from restpg.runtime import setup_mlflow
+    from restpg.rewards import judge_model
 
-    variants = list(variants or settings.loop.variants)
-    bad = [v for v in variants if v not in ("sft", "sft_reasoning", *EM_VARIANTS)]
-    if bad:
-        raise ValueError(f"unknown variant(s) {bad}: sft | sft_reasoning | rest_em | rest_pg")
-    s, p = settings, Pipeline(spark, settings, force)
-    setup_mlflow(s)
-    with mlflow.start_run(run_name=f"pipeline {s.profile}", tags={"restpg.stage": "pipeline"}):
-        mlflow.log_dict(dataclasses.asdict(s), "settings.json")
-        source, task = _source(s)
-        fp_ingest, _ = p.step("ingest", "", _source_identity(s, source, task),
-                              [], lambda rid, _: {**ingest.run(spark, s, source, task=task, run_id=rid), "_tables": ["examples", "quarantine"]})
-        fp_ret, _ = p.step("retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest],
-                           lambda rid, _: {**retrieve.run(spark, s, run_id=rid), "_tables": ["retrievals"]})
-        bases = {registry.base_variant(v) for v in variants}
-        fp_model: dict[tuple[str, int], str] = {}
-        prompt_cfg = _cfg(s.prompt) | {"policy": s.models.policy, "templates": [prompts.template(t).version for t in prompts.TEMPLATES]}
-        for base in sorted(bases):
-            deps = [fp_ret]
-            if base == "sft_reasoning":
-                fp_reason, _ = p.step("reason", "", _cfg(s.reason, s.prompt) | {"teacher": s.models.teacher}, [fp_ret],
-                                      lambda rid, _: {**reason.run(spark, s, run_id=rid), "_tables": ["reasoning_paths"]})
-                deps.append(fp_reason)
-            fp_data, _ = p.step("build-sft", f"variant={base}", prompt_cfg | _cfg(s.data), deps,
-                                lambda rid, _, b=base: {**sft_data.run(spark, s, b, run_id=rid), "_tables": ["training_sets"]})
-            fp_model[(base, 0)], _ = p.step(
-                "train", f"variant={base}/iteration=0", _cfg(s.train), [fp_data],
-                lambda rid, _, b=base: train.run(spark, s, b, 0, init_ref=s.models.policy))
-        mean_reward: dict[str, list] = {}
-        for variant in [v for v in variants if v in EM_VARIANTS]:
-            for t in range(1, s.loop.iterations + 1):
+    wanted = V.check(variants or settings.loop.variants)
+    mlflow.log_dict(dataclasses.asdict(settings), "settings.json")
+    s, steps = settings, Steps(spark, settings, force)
+    T = s.loop.iterations
+    source, task = _source(s)
+    fp_ingest, _ = steps.run("ingest", "", _source_identity(s, source, task), [], source=source, task=task)
+    fp_ret, _ = steps.run("retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest])
+    prompt_cfg = _cfg(s.prompt, s.data) | {"policy": s.models.policy,
+                                           "templates": [prompts.template(t).version for t in prompts.TEMPLATES]}
+    bases = sorted({V.base_of(v) for v in wanted})
+    data_deps = [fp_ret]
+    if any(V.uses_reasoning(b) for b in bases):
+        fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher}, [fp_ret])
+        data_deps.append(fp_reason)
+    fp_data, _ = steps.run("sft_data", "", prompt_cfg | {"teacher": s.models.teacher}, data_deps, variants=bases)
+    train_cfg = _cfg(s.train, s.evaluate, s.judge) | {"models": _cfg(s.models)}
+    fp_model: dict[tuple[str, int], str] = {}
+    for base in bases:
+        fp_model[(base, 0)], _ = steps.run("train", f"variant={base}/iteration=0", train_cfg, [fp_data], variant=base, iteration=0)
+    em = [v for v in wanted if V.is_em(v)]
+    mean_reward: dict[str, list] = {}
+    if em:
+        sft_fps = [fp_model[(b, 0)] for b in bases]
+        fp_valid, _ = steps.run("validate_reward", "", _cfg(s.validate, s.judge, s.evaluate) | {"judge": judge_model(s)}, sft_fps)
+        for variant in em:
+            for t in range(1, T + 1):
                 sl = f"variant={variant}/iteration={t}"
-                policy_fp = fp_model[(registry.base_variant(variant), 0) if t == 1 else (variant, t - 1)]
-                fp_s, _ = p.step("sample", sl, _cfg(s.sample, s.prompt) | prompt_cfg, [policy_fp],
-                                 lambda rid, fresh, v=variant, t=t: {**sample.run(spark, s, v, t, run_id=rid, force=fresh),
-                                                                     "_tables": ["trajectories"]})
-                fp_j, judged = p.step("judge", sl, _cfg(s.judge) | {"judge": judge.judge_model(s)}, [fp_s],
-                                      lambda rid, _, v=variant, t=t: {**judge.run(spark, s, v, t, run_id=rid), "_tables": ["judge_scores"]})
-                mean_reward.setdefault(variant, []).append(judged["mean_reward"])
-                fp_f, _ = p.step("filter", sl, _cfg(s.filter), [fp_j],
-                                 lambda rid, _, v=variant, t=t: {**filtering.run(spark, s, v, t, run_id=rid), "_tables": ["training_sets"]})
-                init = s.models.policy if s.train.restart_from == "base" else registry.sampling_policy(s, variant, t)
-                fp_model[(variant, t)], _ = p.step(
-                    "train", sl, _cfg(s.train), [fp_f, policy_fp if s.train.restart_from == "previous" else ""],
-                    lambda rid, _, v=variant, t=t, init=init: train.run(spark, s, v, t, init_ref=init))
-        finals = {v: registry.final_policy(s, v, s.loop.iterations) for v in variants}
-        eval_deps = [fp_model[(v, 0 if v not in EM_VARIANTS else s.loop.iterations)] for v in variants]
-        _, evaluated = p.step("evaluate", f"split={s.evaluate.split}", _cfg(s.evaluate, s.judge), eval_deps,
-                              lambda rid, _: {**evaluate.run(spark, s, finals, run_id=rid),
-                                              "_tables": ["eval_predictions", "eval_scores", "eval_summary", "eval_tests"]})
-        promotion = _promote(spark, s, p, finals, variants, eval_deps)
-        notebooks_out = _notebooks(spark, s, p, [evaluated.get("plot", "")])
-    _report(p, variants, mean_reward, evaluated, promotion, notebooks_out, s)
-    return {"results": p.results}
+                policy_fp = fp_model[(V.base_of(variant), 0) if t == 1 else (variant, t - 1)]
+                fp_s, _ = steps.run("sample", sl, _cfg(s.sample) | prompt_cfg, [policy_fp, fp_valid],
+                                    fn=lambda rid, redo, v=variant, t=t: importlib.import_module("restpg.sample").run(
+                                        spark, s, variant=v, iteration=t, run_id=rid, force=redo))
+                fp_j, judged = steps.run("judge", sl, _cfg(s.judge) | {"judge": judge_model(s)}, [fp_s], variant=variant, iteration=t)
+                mean_reward.setdefault(variant, []).append(judged.get("mean_reward"))
+                fp_f, _ = steps.run("filtering", sl, _cfg(s.filter), [fp_j], variant=variant, iteration=t)
+                fp_model[(variant, t)], _ = steps.run("train", sl, train_cfg, [fp_f, policy_fp if s.train.restart_from == "previous" else ""],
+                                                      variant=variant, iteration=t)
+    finals = [fp_model[(v, V.final_iteration(v, T))] for v in wanted]
+    _, evaluated = steps.run("evaluate", f"split={s.evaluate.split}", _cfg(s.evaluate, s.judge, s.prompt), finals, variants=wanted)
+    promotion = {}
+    if em:
+        _, promotion = steps.run("promote", "", _cfg(s.promote, s.evaluate, s.judge), finals)
+    notebooks_out = _notebooks(spark, s, steps)
+    _report(steps, mean_reward, evaluated, promotion, notebooks_out, s)
+    return {"results": steps.results}
 
 
-def _promote(spark, s: Settings, p: Pipeline, finals: dict, variants: list, deps: list) -> dict:
-    """The last variant of the run is the candidate; it and the current champion are scored on val."""
-    from mlflow import MlflowClient
-
-    from restpg import evaluate, promote
-
-    candidate_variant = "rest_pg" if "rest_pg" in finals else variants[-1]
-    candidate = finals[candidate_variant]
-    name = s.mlflow.policy_model_name
-    aliases = MlflowClient().get_registered_model(name).aliases
-    policies = {candidate_variant: candidate}
-    if "champion" in aliases:
-        champ = f"models:/{name}/{aliases['champion']}"
-        if champ != candidate:
-            champ_variant = MlflowClient().get_model_version(name, aliases["champion"]).tags.get("variant", "champion")
-            policies[champ_variant if champ_variant != candidate_variant else "champion"] = champ
-
-    def go(rid, _):
-        evaluate.run(spark, s, policies, split=s.promote.split, ablation="promotion", run_id=rid)
-        return {**promote.run(spark, s, candidate.rsplit("/", 1)[1], run_id=rid,
-                              scores_fn=promote.eval_scores_fn(spark, s, ablation="promotion")), "_tables": ["promotions", "eval_scores"]}
-
-    return p.step("promote", f"candidate={candidate}", _cfg(s.promote, s.evaluate, s.judge), deps + [str(sorted(policies.items()))], go)[1]
-
-
-def _notebooks(spark, s: Settings, p: Pipeline, extra: list[str]) -> str:
+def _notebooks(spark, s: Settings, steps: Steps) -> str:
     from restpg import notebooks
 
     src = Path(__file__).resolve().parents[2] / "notebooks"
@@ -183,31 +161,48 @@ def _notebooks(spark, s: Settings, p: Pipeline, extra: list[str]) -> str:
     for table in catalog.TABLES:  # a cell over a table no stage of this run wrote reads it empty
         catalog.ensure(spark, s, table)
     catalog.register_tables(spark, s)
-    p.step("notebooks", "", {"files": sorted(f.name for f in src.glob("*.sql"))}, list(p.fingerprints),
-           lambda rid, _: {"cells": len(notebooks.run_notebooks(spark, src, out)), "out": str(out)})
+    steps.run("notebooks", "", {"files": sorted(f.name for f in src.glob("*.sql"))}, list(steps.fingerprints),
+              fn=lambda rid, _: {"cells": len(notebooks.run_notebooks(spark, src, out)), "out": str(out)})
     return str(out)
 
 
-def _report(p: Pipeline, variants, mean_reward, evaluated, promotion, notebooks_out, s: Settings) -> None:
+def _fmt(x, spec=".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: Settings) -> None:
+    from restpg.runtime import mlflow_uris
+
     lines = ["", "=" * 100, "restpg run — summary", ""]
-    lines.append("Training jobs (training loss first → last step; validation loss of the start checkpoint → best):")
-    for label, r in p.results.items():
+    lines.append("Training jobs (loss first → last step; selection reward of the start checkpoint → best step):")
+    for label, r in steps.results.items():
         if label.startswith("train"):
-            before, after = r.get("initial_val_loss", float("nan")), r["best_val_loss"]
-            ok = "falls" if after < before or r["final_loss"] < r["first_loss"] else "DOES NOT FALL"
-            lines.append(f"  {label:42} train {r['first_loss']:.4f} → {r['final_loss']:.4f}; val {before:.4f} → {after:.4f} "
-                         f"({ok}); {r['tokens_per_s']:.0f} tok/s on {r['device']}; {r['model_uri']}")
+            lines.append(f"  {label:36} {r.get('steps')} steps ({_fmt(r.get('epochs'), '.1f')} epochs, {r.get('train_rows')} rows, "
+                         f"{r.get('dropped_too_long', 0)} too long); loss {_fmt(r.get('first_loss'))} → {_fmt(r.get('final_loss'))}; "
+                         f"reward {_fmt(r.get('initial_reward'))} → {_fmt(r.get('best_reward'))} at step {r.get('best_step')}; "
+                         f"{_fmt(r.get('tokens_per_s'), '.0f')} tok/s; {r.get('model_uri')}")
+    for label, r in steps.results.items():
+        if label.startswith("validate_reward"):
+            lines.append(f"Reward validation: {r.get('verdict')}")
     for v, rewards in mean_reward.items():
-        trend = " → ".join(f"{x:.4f}" for x in rewards)
-        verdict = ("" if len(rewards) < 2 else " (rises)" if rewards[-1] > rewards[0] else " (does not rise)")
+        trend = " → ".join(_fmt(x) for x in rewards)
+        verdict = "" if len(rewards) < 2 or None in rewards else " (rises)" if rewards[-1] > rewards[0] else " (does not rise)"
         lines.append(f"Mean {s.judge.reward} reward of {v} samples on the training inputs by iteration: {trend}{verdict}")
-    for label, r in p.results.items():
-        if label.startswith("filter"):
-            lines.append(f"  {label:42} pass rate {r['pass_rate']:.2%} at tau={r['tau']} ({r['kept']} kept)")
+    for label, r in steps.results.items():
+        if label.startswith(("judge", "filtering")):
+            issues = r.get("format_issues") or {}
+            extra = f"pass rate {_fmt(r.get('pass_rate'), '.2%')} at tau={r.get('tau')} ({r.get('kept')} kept); " if label.startswith("filtering") else ""
+            lines.append(f"  {label:36} {extra}format ok {_fmt(r.get('format_ok_rate'), '.2%')} {json.dumps(issues) if issues else ''}")
+    lines.append("")
+    lines.append("Evaluation outputs per variant (format ok; mean reasoning / response length):")
+    for v, f in (evaluated.get("formats") or {}).items():
+        lines.append(f"  {v:16} format ok {_fmt(f.get('format_ok_rate'), '.0%')}; reasoning {_fmt(f.get('mean_reasoning_length'), '.1f')}, "
+                     f"response {_fmt(f.get('mean_response_length'), '.1f')} {f.get('length_unit', '')}")
     lines += ["", evaluated.get("table1", ""), ""]
-    lines.append(f"Promotion: candidate version {promotion.get('candidate_version')} → {promotion.get('decision')} "
-                 f"({promotion.get('reason')}; champion before: {promotion.get('champion_version')})")
+    if promotion:
+        lines.append(f"Promotion: candidate version {promotion.get('candidate_version')} → {promotion.get('decision')} "
+                     f"({promotion.get('reason')}; champion before: {promotion.get('champion_version')})")
     lines.append(f"Tables: {s.home_dir / 'warehouse'} (query: restpg sql \"SELECT * FROM restpg.eval_summary\")")
-    lines.append(f"MLflow: {s.mlflow.tracking_uri or 'sqlite:///' + str(s.home_dir / 'mlflow.db')}")
+    lines.append(f"MLflow: {mlflow_uris(s)[0]}")
     lines.append(f"Plots: {evaluated.get('plot')}; notebook outputs: {notebooks_out}")
     print("\n".join(lines), flush=True)
