@@ -12,7 +12,51 @@ def test_local_and_databricks_profiles_load():
     assert (paper.retrieve.k, paper.sample.m, paper.sample.temperature, paper.evaluate.temperature) == (5, 32, 0.7, 0.1)
     assert (paper.filter.tau, paper.filter.max_kept_per_input, paper.loop.iterations) == (1.0, 10, 3)
     assert (paper.train.lr, paper.train.batch_size, paper.train.warmup_steps, paper.train.restart_from) == (5e-6, 64, 250, "base")
-    assert (paper.train.max_input_tokens, paper.train.max_output_tokens, paper.train.optimizer) == (5120, 1536, "adafactor")
+    assert (paper.prompt.max_input_tokens, paper.prompt.max_response_tokens, paper.train.optimizer) == (5120, 1536, "adafactor")
+    assert paper.train.selection_examples == 1024  # checkpoint selection on 1,024 validation inputs
+
+
+@pytest.mark.parametrize("profile", ["local", "local-gemma", "paper-smoke", "databricks"])
+def test_every_bundled_profile_loads(profile):
+    s = load_settings(profile)
+    assert s.prompt.max_reasoning_tokens >= 1 and s.prompt.max_response_tokens >= 1
+
+
+def test_paper_smoke_keeps_the_papers_method_at_toy_sizes():
+    smoke, paper = load_settings("paper-smoke"), load_settings("databricks")
+    assert (smoke.judge.reward, smoke.filter.tau, smoke.judge.scores) == (paper.judge.reward, paper.filter.tau, paper.judge.scores)
+    assert (smoke.train.optimizer, smoke.train.restart_from) == (paper.train.optimizer, paper.train.restart_from)
+    assert {smoke.models.policy, smoke.models.teacher, smoke.models.judge} == {"packaged:gemma3-270m"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.restart_from=latest", "restart_from"),
+    ("loop.variants=[sft, rest_gp]", "rest_gp"),
+    ("judge.reward=bleu", "judge.reward"),
+    ("prompt.max_response_tokens=0", "at least 1"),
+])
+def test_values_of_the_right_type_but_wrong_meaning_are_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings("local", [override])
+
+
+@pytest.mark.slow
+def test_local_response_budget_holds_95_percent_of_demo_targets(tmp_path):
+    """The local profile's response budget is sized on the demo data in the policy's own tokenizer."""
+    import json
+
+    import numpy as np
+
+    from restpg import demo_data, models
+
+    s = load_settings("local", home=str(tmp_path))
+    d = s.data
+    path = demo_data.write(tmp_path / "demo.jsonl", users_per_task=d.demo_users, profile_items=d.demo_profile_items,
+                           examples_per_user=d.demo_examples_per_user, seed=d.demo_seed)
+    tokenizer = models.load_tokenizer(s.models.policy, s)
+    lengths = np.array([len(tokenizer(json.loads(line)["output"], add_special_tokens=False).input_ids)
+                        for line in path.read_text().splitlines()])
+    assert (lengths <= s.prompt.max_response_tokens).mean() >= 0.95
 
 
 @pytest.mark.parametrize("override, message", [

@@ -253,7 +253,7 @@ def profile_path(name: str) -> Path:
         return p
     bundled = resources.files("restpg") / "profiles" / f"{name}.yaml"
     if not bundled.is_file():
-        raise ConfigError(f"no profile named {name!r} (bundled: local, local-gemma, databricks) and no such file")
+        raise ConfigError(f"no profile named {name!r} (bundled: local, local-gemma, paper-smoke, databricks) and no such file")
     return Path(str(bundled))
 
 
