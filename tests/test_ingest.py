@@ -102,3 +102,56 @@ def test_unknown_task_or_split_argument_is_an_error(spark, fresh_settings, tmp_p
         ingest.run(spark, fresh_settings, source=str(tmp_path / "x.jsonl"), run_id="r", task="poems")
     with pytest.raises(ValueError, match="unknown split"):
         ingest.run(spark, fresh_settings, source=str(tmp_path / "x.jsonl"), run_id="r", split="holdout")
+
+
+GOOD = {"reviewerId": "u1", "input": "Write a review of a lamp.", "output": "Bright and solid.",
+        "profile": [{"overall": "5.0", "summary": "ok", "reviewText": "Fine lamp.", "description": "lamp"}]}
+
+
+@pytest.mark.parametrize("record, outcome", [
+    ("\ufeff" + json.dumps(GOOD), "valid"),                                        # byte order mark: removed
+    (json.dumps({**GOOD, "output": "Bright\u0000 and solid."}), "contains NUL"),    # NUL: quarantined
+    (json.dumps({**GOOD, "output": "x" * 120}), "output too long"),                 # over data.max_field_chars
+    (json.dumps({**GOOD, "reviewerId": 12345}), "valid"),                          # numeric id: a string id
+    (json.dumps({**GOOD, "reviewerId": {"id": 1}}), "user id is a dict"),           # id of another type
+    (json.dumps({**GOOD, "input": ["a", "list"]}), "input is not a string"),       # wrong field type
+])
+def test_awkward_records_have_a_defined_outcome(record, outcome):
+    parsed = ingest.parse_record(record, "product_review", "train", max_chars=100)
+    if outcome == "valid":
+        assert parsed.reason is None and parsed.example["user_id"] in ("u1", "12345")
+    else:
+        assert parsed.example is None and parsed.reason.startswith(outcome)
+
+
+def test_one_bad_profile_item_drops_the_item_not_the_example():
+    rec = {**GOOD, "profile": [GOOD["profile"][0], "just a string", {"unrelated": "x"}, {"reviewText": "y" * 150}]}
+    parsed = ingest.parse_record(json.dumps(rec), "product_review", "train", max_chars=100)
+    assert parsed.reason is None and len(parsed.example["profile"]) == 1
+    assert [(i, why.split(":")[0].split(" has")[0]) for i, _, why in parsed.dropped_items] == [
+        (1, "profile item 1 is not an object"), (2, "profile item 2"), (3, "profile item 3 too long")]
+
+
+def test_every_record_read_is_accounted_for(spark, fresh_settings, tmp_path):
+    lines = [json.dumps(GOOD), "", "{broken", "   ", json.dumps({**GOOD, "reviewerId": "u2", "profile": [GOOD["profile"][0], 7]}),
+             "\ufeff" + json.dumps({**GOOD, "reviewerId": "u3"}), json.dumps({**GOOD, "reviewerId": "u4", "output": "a\u0000b"})]
+    path = tmp_path / "awkward.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = ingest.run(spark, fresh_settings, source=str(path), task="product_review", split="train", run_id="r")
+    assert report["records_read"] == len(lines)
+    assert (report["valid"], report["quarantined"], report["blank_lines"]) == (3, 2, 2)
+    assert report["valid"] + report["quarantined"] + report["blank_lines"] == report["records_read"]
+    assert report["profile_items_dropped"] == 1
+    q = catalog.read(spark, fresh_settings, "quarantine").toPandas()
+    assert sorted(q["reason"].str.split(":").str[0].str.split(" is").str[0]) == [
+        "contains NUL characters", "not JSON", "profile item 1"]
+
+
+def test_a_malformed_json_array_file_is_one_quarantine_row(spark, fresh_settings, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"reviewerId": "u1", "input": "a", "output": "b"},\n {"reviewerId": ')
+    report = ingest.run(spark, fresh_settings, source=str(path), task="product_review", split="train", run_id="r")
+    assert (report["valid"], report["quarantined"]) == (0, 1)
+    [row] = catalog.read(spark, fresh_settings, "quarantine").collect()
+    assert row.reason.startswith("file: not a readable JSON array") and row.record_number == 0
+    assert '"reviewerId": "u1"' in row.raw_record

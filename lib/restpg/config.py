@@ -66,6 +66,7 @@ class DataConfig:
     demo_profile_items: int = _f(6, "profile items per synthetic user")
     demo_examples_per_user: int = _f(3, "examples per synthetic user (split train/val/test)")
     max_examples: int = _f(0, "cap on training examples per run (0 = all)")
+    max_field_chars: int = _f(200_000, "longest input, output or profile text accepted; longer → quarantine")
 
 
 @dataclass
