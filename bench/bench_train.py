@@ -1,4 +1,4 @@
-"""Training throughput of `restpg.train.fit`: SmolLM2-135M, float32, AdamW, batch 4 × 256 tokens,
+"""Training throughput of `restpg.training.trainer.fit`: SmolLM2-135M, float32, AdamW, batch 4 × 256 tokens,
 eager CPU vs torch-xla PJRT CPU, side by side in one process.
 
     .venv/bin/python bench/bench_train.py [--steps 4] [--home .restpg]
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-# The XLA device must exist before the first backward in this process (see train.pick_device).
+# The XLA device must exist before the first backward in this process (see training.devices.pick_device).
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 import torch_xla  # noqa: E402
 
@@ -27,7 +27,8 @@ torch_xla.device()
 
 import torch  # noqa: E402
 
-from restpg import train  # noqa: E402
+from restpg.training import trainer  # noqa: E402
+from restpg.training.data import IGNORE_INDEX  # noqa: E402
 from restpg.config import TrainConfig, load_settings  # noqa: E402
 
 POLICY = "packaged:smollm2-135m-instruct"
@@ -39,7 +40,7 @@ def fixed_batches(vocab: int, n: int, length: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         ids = torch.randint(0, vocab, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [train.IGNORE_INDEX] * (length // 2) + ids[length // 2:], "weight": 1.0})
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (length // 2) + ids[length // 2:], "weight": 1.0})
     return rows
 
 
@@ -48,13 +49,13 @@ def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> d
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     cfg = TrainConfig(device=device, optimizer="adamw", lr=1e-5, warmup_steps=0, batch_size=batch, micro_batch_size=batch,
-                      max_steps=steps, epochs=1e6, length_buckets=[length], eval_every=10 ** 9, log_every=1)
+                      steps=steps, length_buckets=[length], eval_every=10 ** 9, checkpoint_every=0, log_every=1)
     data = fixed_batches(model.config.vocab_size, batch * steps, length)
     # CPU seconds per step (all threads of this process, XLA's included) do not depend on what else
     # runs on the machine; wall seconds do. log_every=1 makes fit sync and call back after every step.
     marks = [time.process_time()]
     started = time.time()
-    result = train.fit(model, data, [], cfg, pad_id=0, log_metrics=lambda metrics, step: marks.append(time.process_time()))
+    result = trainer.fit(model, data, cfg, pad_id=0, log_metrics=lambda metrics, step: marks.append(time.process_time()))
     wall = time.time() - started
     cpu_seconds = [b - a for a, b in zip(marks, marks[1:])]
     tokens_per_step = batch * length

@@ -7,6 +7,9 @@
 -- MAGIC Rewards are `score / 10` under the LLM judge (the paper keeps outputs with reward ≥ τ = 1.0, i.e. the
 -- MAGIC judge's top criterion) or a cosine under the local embedding reward, which needs its own τ: read the
 -- MAGIC pass-rate cell below to pick it. `run` is `variant / it iteration`.
+-- MAGIC
+-- MAGIC The judge sees the response only. An output without a response to judge (`format_ok = false`: no separator,
+-- MAGIC empty reasoning or response, cut at the length cap) gets reward 0 and is never kept.
 
 -- COMMAND ----------
 
@@ -143,6 +146,23 @@ SELECT concat(variant, ' / it ', iteration) AS run,
 FROM restpg.trajectories
 GROUP BY ALL
 ORDER BY run
+
+-- COMMAND ----------
+
+-- Format of the judged outputs per variant and iteration: outputs with a response to judge (format_ok) and
+-- counts per format issue (no_separator, empty_reasoning, empty_response, length_cap: reward 0, never kept)
+-- chart: bar x=run y=outputs series=format title="Judged outputs by format issue"
+SELECT variant,
+       iteration,
+       concat(variant, ' / it ', iteration) AS run,
+       reward_kind,
+       coalesce(format_issue, 'format_ok') AS format,
+       count(*) AS outputs,
+       count(*) / sum(count(*)) OVER (PARTITION BY variant, iteration, reward_kind) AS share,
+       avg(reward) AS mean_reward
+FROM restpg.judge_scores
+GROUP BY variant, iteration, reward_kind, format_issue
+ORDER BY variant, iteration, reward_kind, format
 
 -- COMMAND ----------
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from restpg import generation, models  # noqa: E402
+from restpg import generation, models, prompts  # noqa: E402
 from restpg.generation import fit_prompt, sample, sample_seed  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "10 apples and the lazy dog jumps over it all, a review", "an email"]
@@ -156,3 +156,18 @@ def test_spark_sampling_fits_prompt_parts_and_reports_truncation(spark, settings
                                  iteration=1, seed=0).toPandas()
     assert out.groupby("example_id").prompt_truncated.all().to_dict() == {"long": True, "short": False}
     assert len(out) == 4
+
+
+@pytest.mark.parametrize("variant, reasons", [("rest_em", False), ("sft", False), ("rest_pg", True), ("sft_reasoning", True)])
+def test_output_cap_gives_reasoning_its_own_budget(lm, settings, variant, reasons):
+    model, tokenizer = lm
+    R, S = 5, 7
+    budgets = dataclasses.replace(settings, prompt=dataclasses.replace(
+        settings.prompt, max_reasoning_tokens=R, max_response_tokens=S))
+    cap = generation.output_cap(budgets, variant)
+    assert cap == (R + prompts.SEPARATOR_ALLOWANCE + S if reasons else S)
+    seeds = [[sample_seed(f"ex-{i}", j, 1, 0) for j in range(4)] for i in range(len(PROMPTS))]
+    samples, _ = sample(model, tokenizer, PROMPTS, seeds, temperature=1.0, top_p=1.0, max_new_tokens=cap)
+    rows = [s for row in samples for s in row]
+    assert all(s.n_tokens <= cap for s in rows)
+    assert any(not s.finished for s in rows) and all(s.n_tokens == cap for s in rows if not s.finished)

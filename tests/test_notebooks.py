@@ -52,9 +52,9 @@ def test_bad_chart_declarations(line):
 
 
 def _df(spark, name, rows):
-    cols = [c["name"] for c in catalog.spec(name).columns]
-    full = [{"run_id": "nb-test", "created_at": NOW, **r} for r in rows]
-    return spark.createDataFrame([tuple(r[c] for c in cols) for r in full], schema=catalog.spec(name).struct())
+    from helpers import rows_df
+
+    return rows_df(spark, name, [{"run_id": "nb-test", "created_at": NOW, **r} for r in rows])
 
 
 def _examples():
@@ -84,6 +84,7 @@ def _trajectories_and_scores(examples):
                                  "sample_index": s, "seed": 1000 * it + 10 * n + s, "policy_version": f"models:/p/{it}",
                                  "raw_text": (reasoning or "") + "answer", "reasoning": reasoning, "response": f"answer {s}",
                                  "has_separator": reasoning is not None, "n_tokens": 40 + s, "finished": s != 2,
+                                 "format_ok": s != 2, "format_issue": None if s != 2 else "length_cap",
                                  "template_version": "v1"})
                     logprobs = ({str(c): math.log(0.6 if c == score else 0.1) for c in (1, 3, 5, 7, 10)}
                                 if kind == "llm" else None)
@@ -91,7 +92,8 @@ def _trajectories_and_scores(examples):
                                    "sample_index": s, "reward_kind": kind, "judge_model": "judge",
                                    "template_version": "j1" if kind == "llm" else None, "reward": float(reward),
                                    "score": score if kind == "llm" else None, "criterion_logprobs": logprobs,
-                                   "response_chars": 8, "reasoning_chars": len(reasoning or "")})
+                                   "response_chars": 8, "reasoning_chars": len(reasoning or ""),
+                                   "format_ok": s != 2, "format_issue": None if s != 2 else "length_cap"})
     return traj, judged
 
 
@@ -116,7 +118,8 @@ def _evaluation(examples):
             response = f"{e['target']} " + "extra " * (3 - v)
             preds.append({**common, "user_id": e["user_id"], "raw_text": response,
                           "reasoning": "- style" if "reason" in variant or variant == "rest_pg" else None,
-                          "response": response, "template_version": "v1"})
+                          "response": response, "template_version": "v1", "format_ok": True, "n_tokens": 30,
+                          "finished": True})
             r = metrics.rouge(response, e["target"])
             scores.append({**common, "reward_kind": "embedding", "judge_score": 0.5 + 0.08 * v + 0.01 * ((n * 3) % 4),
                            "rouge1": r["rouge1"], "rougeL": r["rougeL"], "meteor": metrics.meteor(response, e["target"])})

@@ -1,30 +1,153 @@
-"""Candidate log-probabilities from one prefill per prompt equal a full forward on prompt + candidate."""
+"""Whole-label scoring: a label counts only when followed by a token that ends it, so "10" can beat "1"
+under tokenizers that split digits; the one-prefill path equals a plain full forward."""
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
-import pandas as pd
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from restpg import generation, scoring  # noqa: E402
+from restpg import generation, models, rewards, scoring  # noqa: E402
 
 PROMPTS = ["Score: ", "The lazy dog jumps over the quick brown fox, a review. Score:", "an email"]
 CANDIDATES = ["1", "10", " 10", "3 apples"]
+SCORES = (1, 3, 5, 7, 10)
+
+# A judge whose next token depends on the last token only: after the prompt it says "1" most often,
+# but "1" is nearly always the start of "10". Whole labels: "10" = .6 · .9 · 1 = .54, "1" = .6 · .1 = .06,
+# "3", "5", "7" = .1 each. Summed label tokens alone: "1" = .6 > "10" = .54.
+JUDGE_DEFAULT = {"1": 0.6, "3": 0.1, "5": 0.1, "7": 0.1, "\n": 0.1}
+JUDGE_TABLE = {"1": {"0": 0.9, "\n": 0.1}, "0": {"\n": 1.0}, "3": {"\n": 1.0}, "5": {"\n": 1.0}, "7": {"\n": 1.0}}
+
+
+def make_bigram_lm(path: Path, tokenizer_dir: Path, table: dict, default: dict, floor: float = -30.0) -> Path:
+    """A real Llama checkpoint whose next-token distribution depends only on the last token: `table[tok]`
+    after a listed single-token string, `default` after any other token (unlisted tokens get `floor`).
+
+    Every layer adds nothing to the residual stream (o_proj and down_proj are zero), so the final norm
+    sees the last token's embedding: one basis vector per listed token, a shared one for the rest."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def token_id(text: str) -> int:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert len(ids) == 1, f"{text!r} is {len(ids)} tokens in the tiny tokenizer"
+        return ids[0]
+
+    hidden = 16
+    assert len(table) < hidden
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-12)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = torch.zeros(len(tokenizer), hidden)
+        embed[:, 0] = 1.0
+        head = torch.full((len(tokenizer), hidden), floor)
+        for k, (context, dist) in enumerate([(None, default), *table.items()]):
+            if context is not None:
+                embed[token_id(context)] = torch.nn.functional.one_hot(torch.tensor(k), hidden).float()
+            for text, p in dist.items():
+                head[token_id(text), k] = math.log(p)
+        model.model.embed_tokens.weight.copy_(embed)
+        model.lm_head.weight.copy_(head / math.sqrt(hidden))  # the norm scales a basis vector by sqrt(hidden)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bigram_judge(tiny_dir, tmp_path_factory) -> str:
+    return str(make_bigram_lm(tmp_path_factory.mktemp("bigram-judge"), tiny_dir, JUDGE_TABLE, JUDGE_DEFAULT))
 
 
 @torch.inference_mode()
-def full_forward_logprob(model, tokenizer, prompt: str, candidate: str) -> float:
+def full_forward(model, tokenizer, prompt: str, candidate: str, prefix: int | None = None) -> tuple[float, float]:
+    """(summed log-probability of the candidate's first `prefix` tokens (all by default), log-probability
+    that a number ends after them), from one plain forward over prompt + candidate."""
     prompt_ids = generation.encode(tokenizer, prompt)
-    cand_ids = tokenizer(candidate, add_special_tokens=False).input_ids
+    cand_ids = tokenizer(candidate, add_special_tokens=False).input_ids[:prefix]
     logprobs = torch.log_softmax(model(torch.tensor([prompt_ids + cand_ids])).logits[0].float(), -1)
-    return sum(logprobs[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(cand_ids))
+    said = sum(logprobs[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(cand_ids))
+    ends = scoring.number_ends(tokenizer, logprobs.shape[-1])
+    return said, torch.logsumexp(logprobs[-1][ends], 0).item()
 
 
-def test_single_and_multi_token_candidates_score_like_a_full_forward(lm):
+# ---- the pure function on hand-made log-prob tables ------------------------------------------------
+VOCAB = ["1", "0", "3", "5", "7", "\n", "<eos>", "."]
+ENDS = torch.tensor([t[0] not in "0123456789" for t in VOCAB])
+
+
+def steps_for(label: list[str], next_token: dict) -> torch.Tensor:
+    """[width + 1, vocab] log-probabilities after each prefix of `label`, from {prefix: {token: p}}."""
+    rows = []
+    for j in range(len(label) + 1):
+        dist = next_token[tuple(label[:j])]
+        rows.append(torch.tensor([math.log(dist[t]) if dist.get(t) else -1e9 for t in VOCAB]))
+    return torch.stack(rows)
+
+
+def whole_labels(next_token: dict, labels: list[list[str]]) -> dict[str, float]:
+    width = max(map(len, labels))
+    steps = torch.stack([torch.cat([steps_for(lab, next_token), torch.zeros(width - len(lab), len(VOCAB))])
+                         for lab in labels])
+    tokens = torch.tensor([[VOCAB.index(t) for t in lab] + [0] * (width - len(lab)) for lab in labels])
+    out = scoring.label_logprobs(steps, tokens, torch.tensor([len(lab) for lab in labels]), ENDS)
+    return {"".join(lab): v for lab, v in zip(labels, out.tolist())}
+
+
+LABELS = [["1"], ["3"], ["5"], ["7"], ["1", "0"]]
+SPLIT_TEN = {(): {"1": 0.6, "3": 0.1, "5": 0.1, "7": 0.1, "\n": 0.1}, ("1",): {"0": 0.9, "\n": 0.1},
+             ("1", "0"): {"\n": 0.5, "<eos>": 0.5}, ("3",): {"\n": 1}, ("5",): {"\n": 1}, ("7",): {".": 1}}
+REALLY_ONE = {**SPLIT_TEN, ("1",): {"0": 0.05, "\n": 0.5, "<eos>": 0.3, "5": 0.15}}
+ALL_ENDS_COUNT = {**SPLIT_TEN, ("1",): {"0": 0.2, "\n": 0.2, "<eos>": 0.2, ".": 0.2, "5": 0.2}}
+
+
+@pytest.mark.parametrize("table, expected, probability", [
+    (SPLIT_TEN, 10, {"10": 0.6 * 0.9, "1": 0.6 * 0.1, "3": 0.1, "7": 0.1}),
+    (REALLY_ONE, 1, {"1": 0.6 * 0.8, "10": 0.6 * 0.05}),          # "1" then "5" is neither label
+    (ALL_ENDS_COUNT, 1, {"1": 0.6 * 0.6, "10": 0.6 * 0.2}),       # newline, EOS and "." all end a label
+])
+def test_whole_label_logprobs_on_tables(table, expected, probability):
+    got = whole_labels(table, LABELS)
+    for label, p in probability.items():
+        assert got[label] == pytest.approx(math.log(p), abs=1e-5)
+    assert rewards.pick_score(got, list(SCORES)) == expected
+    assert sum(math.exp(v) for v in got.values()) <= 1 + 1e-6  # disjoint answers
+
+
+def test_summed_tokens_alone_never_pick_ten_when_digits_split():
+    """Why the end token is needed: the old rule (sum of the label's token log-probs) on the same table."""
+    summed = {"".join(lab): sum(steps_for(lab, SPLIT_TEN)[j, VOCAB.index(t)].item() for j, t in enumerate(lab))
+              for lab in LABELS}
+    assert rewards.pick_score(summed, list(SCORES)) == 1
+    assert rewards.pick_score(whole_labels(SPLIT_TEN, LABELS), list(SCORES)) == 10
+
+
+def test_number_ends_marks_tokens_that_do_not_continue_a_number(lm):
+    _, tokenizer = lm
+    ends = scoring.number_ends(tokenizer, len(tokenizer) + 3)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    for text in ("0", "1", "7"):
+        assert not ends[tokens.index(text)]
+    for text in ("\n", ".", " 10", "a"):
+        (i,) = tokenizer(text, add_special_tokens=False).input_ids
+        assert ends[i], text
+    assert ends[tokenizer.eos_token_id] and ends[-3:].all()
+
+
+# ---- the model path ------------------------------------------------------------------------------
+def test_candidates_score_like_a_full_forward(lm):
     model, tokenizer = lm
     lengths = [len(ids) for ids in scoring.candidate_ids(tokenizer, CANDIDATES)]
     assert lengths[0] == 1 and lengths[1] > 1  # "1" and "10" really differ in length
@@ -32,12 +155,11 @@ def test_single_and_multi_token_candidates_score_like_a_full_forward(lm):
     for prompt, row in zip(PROMPTS, scores):
         assert list(row) == CANDIDATES
         for candidate, logprob in row.items():
-            assert logprob == pytest.approx(full_forward_logprob(model, tokenizer, prompt, candidate), abs=1e-4)
-    assert row["10"] != row["1"]
+            assert logprob == pytest.approx(sum(full_forward(model, tokenizer, prompt, candidate)), abs=1e-4)
     assert stats.prefill_passes == 1 and stats.candidate_passes == 1  # not one per candidate
 
 
-def test_one_prefill_per_prompt_group(lm):
+def test_grouping_prompts_changes_nothing(lm):
     model, tokenizer = lm
     grouped, stats = scoring.score_candidates(model, tokenizer, PROMPTS, CANDIDATES, max_rows=len(CANDIDATES))
     assert stats.prefill_passes == len(PROMPTS)
@@ -46,17 +168,49 @@ def test_one_prefill_per_prompt_group(lm):
         assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_single_token_candidates_need_no_second_forward(lm):
-    model, tokenizer = lm
-    _, stats = scoring.score_candidates(model, tokenizer, PROMPTS, ["1", "3"])
-    assert stats.prefill_passes == 1 and stats.candidate_passes == 0
+def test_bigram_judge_prefers_ten_as_a_whole_label(bigram_judge, settings):
+    """On a real checkpoint through the real judge prompt: the judge's answer is "10" → reward 1.0;
+    the summed label tokens of the same model would say "1"."""
+    model, tokenizer = models.load_causal_lm(bigram_judge, settings)
+    template = rewards.judge_template(SCORES)
+    prompt = rewards.fit_judge_prompt(tokenizer, template, "Write a review.", "Great kettle.", "Nice kettle.", 4096)
+    (judgement,) = rewards.judge_with(model, tokenizer, [prompt], SCORES)
+    assert judgement.score == 10 and judgement.reward == 1.0
+    assert judgement.criterion_logprobs["10"] == pytest.approx(math.log(0.54), abs=1e-3)
+    assert judgement.criterion_logprobs["1"] == pytest.approx(math.log(0.06), abs=1e-3)
+    summed = {str(s): full_forward(model, tokenizer, prompt, str(s))[0] for s in SCORES}
+    assert rewards.pick_score(summed, list(SCORES)) == 1
 
 
-def test_spark_scores_equal_direct_computation(spark, settings, tiny, lm):
-    model, tokenizer = lm
-    df = spark.createDataFrame(pd.DataFrame({"example_id": ["a", "b", "c"], "prompt": PROMPTS})).repartition(2)
-    out = scoring.score_df(df, tiny, settings, CANDIDATES).toPandas().sort_values("example_id")
-    assert list(out.columns) == ["example_id", "prompt", "logprobs"]
-    for prompt, row in zip(out.prompt, out.logprobs):
-        expected = {c: full_forward_logprob(model, tokenizer, prompt, c) for c in CANDIDATES}
-        assert dict(row) == pytest.approx(expected, abs=1e-4)
+# ---- the packaged Gemma 3 270M (digit-splitting tokenizer) ---------------------------------------
+GEMMA = "packaged:gemma3-270m"
+SHOTS = [("Write a review of a kettle.", "Great kettle, boils fast."),
+         ("Write an email to a colleague about the meeting.", "Hi Sam, the meeting moved to 3pm. Best, Ana"),
+         ("Write the abstract of a paper on sorting.", "We present a faster sorting algorithm.")]
+
+
+@pytest.mark.slow
+def test_gemma_tokenizer_splits_ten(settings):
+    tokenizer = models.load_tokenizer(GEMMA, settings)
+    ten, one = (tokenizer(x, add_special_tokens=False).input_ids for x in ("10", "1"))
+    assert len(ten) == 2 and ten[0] == one[0]
+
+
+@pytest.mark.slow
+def test_gemma_judge_gives_ten_and_tau_one_keeps_it(spark, settings):
+    """Few-shot judge prompt (three identical answers scored 10, then a fourth): Gemma's answer is "10"."""
+    from restpg import filtering
+    from restpg.config import FilterConfig
+
+    model, tokenizer = models.cached_causal_lm(GEMMA, settings)
+    template = rewards.judge_template(SCORES)
+    prompt = "".join(template.render(x, y, y) + "10\n\n" for x, y in SHOTS) + template.render(
+        "Write a review of a tent.", "Sturdy tent, easy to set up.", "Sturdy tent, easy to set up.")
+    (judgement,) = rewards.judge_with(model, tokenizer, [prompt], SCORES)
+    assert judgement.score == 10 and judgement.reward == 1.0
+    one, ten = full_forward(model, tokenizer, prompt, "10", prefix=1)[0], full_forward(model, tokenizer, prompt, "10")[0]
+    assert one >= ten  # summing the label's tokens alone (the old rule) ranks "1" above "10" on the same prompt
+    df = spark.createDataFrame([("e", 0, judgement.reward, True)],
+                               "example_id string, sample_index int, reward double, format_ok boolean")
+    tau = FilterConfig().tau  # the paper's τ
+    assert tau == 1.0 and filtering.keep_high_reward(df, tau, 10).count() == 1

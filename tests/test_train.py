@@ -1,12 +1,11 @@
-"""Training stage: features, the reward-weighted loss, the schedule, the loop (eager and XLA), and
-`run()` end to end on a real local Delta table and MLflow registry, with a tiny random Llama."""
+"""Training: features (one tokenization with inference), the reward-weighted loss, the schedule, the
+loop (equal step budgets, checkpoint selection by reward, resume, eager and XLA), and the stage
+`train.run` on hand-built Delta rows with a tiny random Llama and a real local MLflow registry."""
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
 import json
-import math
 import os
 from pathlib import Path
 
@@ -20,8 +19,11 @@ import torch_xla  # noqa: E402
 
 torch_xla.device()
 
-from restpg import train
-from restpg.config import TrainConfig, load_settings
+from helpers import example_row, make_settings, write_rows  # noqa: E402
+
+from restpg import generation, prompts, train  # noqa: E402
+from restpg.config import TrainConfig  # noqa: E402
+from restpg.training import checkpoints, data, objective, selection, trainer  # noqa: E402
 
 WORDS = ("user writes about food films books travel music and likes hates loves the plot taste price "
          "story cast sound view good bad great slow fast warm cold long short review of a this very").split()
@@ -62,8 +64,8 @@ def example(i: int) -> tuple[str, str]:
 
 def small_cfg(**overrides) -> TrainConfig:
     base = dict(device="cpu", optimizer="adamw", lr=3e-3, lr_final_ratio=0.1, warmup_steps=2, weight_decay=0.0,
-                grad_clip=1.0, batch_size=4, micro_batch_size=2, max_steps=30, epochs=100.0, max_input_tokens=16,
-                max_output_tokens=12, length_buckets=[16, 32], eval_every=10, val_fraction=0.25, log_every=10, seed=0)
+                grad_clip=1.0, batch_size=4, micro_batch_size=2, steps=30, length_buckets=[16, 32], eval_every=10,
+                checkpoint_every=0, log_every=10, seed=0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -72,79 +74,106 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def featurize(tokenizer, n, weight=1.0):
+    return [dict(data.build_features(tokenizer, *example(i)), weight=weight) for i in range(n)]
 
 
-def featurize(tokenizer, n, cfg, weight=1.0):
-    return [dict(train.build_features(tokenizer, *example(i), cfg.max_input_tokens, cfg.max_output_tokens), weight=weight)
-            for i in range(n)]
+def heldout_reward(tokenizer, features):
+    """A deterministic selector: minus the weighted NLL of `features` (higher is better)."""
+    def select(model):
+        b = data.collate(features, [f["weight"] for f in features], [32], tokenizer.pad_token_id)
+        with torch.no_grad():
+            return -objective.weighted_nll(model(input_ids=b["input_ids"]).logits, b["labels"], b["weights"]).item()
+    return select
 
 
 # --------------------------------------------------------------------------- features and batches
 
-def test_build_features_masks_prompt_truncates_and_appends_eos(tokenizer):
-    prompt = "user 1 writes about food and likes the long plot of this review"
-    completion = "good taste great price very warm"
-    f = train.build_features(tokenizer, prompt, completion, max_input_tokens=5, max_output_tokens=4)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    comp = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    assert f["input_ids"][:5] == [bos] + body[-4:]          # BOS kept, prompt left-truncated
-    assert f["input_ids"][5:] == comp[:3] + [eos]           # completion right-truncated, EOS appended
-    assert f["labels"] == [-100] * 5 + comp[:3] + [eos]     # every prompt position masked
+def test_build_features_encodes_the_prompt_as_inference_does(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    completion = "a review, an email."
+    comp = tok(completion, add_special_tokens=False)["input_ids"]
+    for prompt in ("The quick brown fox", "<s>The quick brown fox"):  # plain, and rendered with BOS already
+        f = data.build_features(tok, prompt, completion)
+        n = len(generation.encode(tok, prompt))
+        assert f["input_ids"][:n] == generation.encode(tok, prompt)
+        assert f["input_ids"][0] == bos and f["input_ids"].count(bos) == 1
+        assert f["input_ids"][n:] == comp + [eos]            # completion whole, then EOS
+        assert f["labels"] == [-100] * n + comp + [eos]      # every prompt position masked
+
+
+def test_featurize_drops_too_long_completions_and_rejects_long_prompts(tokenizer):
+    rows = [("user 1 writes about food", "good taste", 1.0),                 # 2 completion tokens
+            ("user 2 writes about films", "hates the slow plot very", 0.5),   # 5: over the budget of 4
+            ("user 3 writes about books", "likes a long story", 2.0)]         # 4: exactly the budget
+    out = data.featurize(tokenizer, rows, max_prompt_tokens=6, max_completion_tokens=4)
+    assert out.dropped_too_long == 1 and out.longest_dropped == 5
+    assert [f["weight"] for f in out.features] == [1.0, 2.0]
+    assert len(out.features[1]["input_ids"]) == 6 + 4 + 1  # nothing truncated: BOS + 5 prompt + 4 + EOS
+    with pytest.raises(ValueError, match="6 tokens, over prompt.max_input_tokens=5"):
+        data.featurize(tokenizer, rows, max_prompt_tokens=5, max_completion_tokens=4)
 
 
 @pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 32), (32, 32), (33, 128), (200, 256)])
 def test_bucket_length(n, expected):
-    assert train.bucket_length(n, [32, 16]) == expected
+    assert data.bucket_length(n, [32, 16]) == expected
 
 
-def test_collate_pads_to_the_smallest_bucket(tokenizer):
+def test_collate_pads_to_the_smallest_bucket():
     features = [{"input_ids": [5] * 3, "labels": [-100, 6, 7]}, {"input_ids": [5] * 20, "labels": [8] * 20}]
-    b = train.collate(features, [1.0, 0.5], [16, 32, 64], pad_id=0)
+    b = data.collate(features, [1.0, 0.5], [16, 32, 64], pad_id=0)
     assert b["input_ids"].shape == b["labels"].shape == (2, 32)
     assert b["input_ids"][0, 3:].eq(0).all() and b["labels"][0, 3:].eq(-100).all()
     assert b["weights"].tolist() == [1.0, 0.5]
 
 
-# --------------------------------------------------------------------------- the loss
+def test_data_order_reshuffles_every_epoch_and_resumes_exactly():
+    order = data.DataOrder(5, seed=3)
+    first, second = order.take(5), order.take(5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second  # each row once per epoch
+    order.take(2)
+    state = copy.deepcopy(order.state_dict())
+    ahead = order.take(7)
+    resumed = data.DataOrder(5, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.take(7) == ahead and resumed.epochs == order.epochs == 19 / 5
+
+
+# --------------------------------------------------------------------------- the loss and the schedule
 
 def test_masked_prompt_positions_contribute_nothing():
     torch.manual_seed(0)
     labels = torch.tensor([[-100, -100, -100, 4, 5, 6]])
     logits = torch.randn(1, 6, 10, requires_grad=True)
-    loss = train.weighted_nll(logits, labels, torch.ones(1))
+    loss = objective.weighted_nll(logits, labels, torch.ones(1))
     loss.backward()
     # position t predicts label t+1: positions 0 and 1 predict masked prompt labels, position 5 nothing
     assert logits.grad[0, :2].abs().sum() == 0 and logits.grad[0, 5].abs().sum() == 0
     assert logits.grad[0, 2:5].abs().sum() > 0
-    # what sits at masked positions does not move the loss; a completion label does
     perturbed = logits.detach().clone()
     perturbed[0, :2] += 5 * torch.randn(2, 10)
-    assert torch.equal(train.weighted_nll(perturbed, labels, torch.ones(1)), loss.detach())
+    assert torch.equal(objective.weighted_nll(perturbed, labels, torch.ones(1)), loss.detach())
     changed = labels.clone()
     changed[0, 4] = 7
-    assert not torch.isclose(train.weighted_nll(logits.detach(), changed, torch.ones(1)), loss.detach())
+    assert not torch.isclose(objective.weighted_nll(logits.detach(), changed, torch.ones(1)), loss.detach())
     # weights of 1.0: the plain mean-token NLL over completion tokens
     plain = torch.nn.functional.cross_entropy(logits.detach()[0, 2:5], labels[0, 3:])
     assert torch.isclose(loss.detach(), plain, rtol=1e-6)
 
 
-def _gradients(model, features, weights, buckets=(16, 32)):
+def _gradients(model, features, weights):
     model.zero_grad(set_to_none=True)
-    b = train.collate(features, weights, list(buckets), pad_id=0)
-    train.weighted_nll(model(input_ids=b["input_ids"]).logits, b["labels"], b["weights"]).backward()
+    b = data.collate(features, weights, [16, 32], pad_id=0)
+    objective.weighted_nll(model(input_ids=b["input_ids"]).logits, b["labels"], b["weights"]).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def test_weight_zero_adds_nothing_and_weight_two_counts_twice(tokenizer):
     model = make_model(tokenizer)
-    a, b = featurize(tokenizer, 2, small_cfg())
+    a, b = featurize(tokenizer, 2)
     only_a = _gradients(model, [a], [1.0])
     assert torch.allclose(_gradients(model, [a, b], [1.0, 0.0]), only_a, atol=1e-7)
     twice = _gradients(model, [a, a, b], [1.0, 1.0, 1.0])
@@ -152,67 +181,111 @@ def test_weight_zero_adds_nothing_and_weight_two_counts_twice(tokenizer):
     assert not torch.allclose(_gradients(model, [a, b], [1.0, 1.0]), twice, atol=1e-5)
 
 
-# --------------------------------------------------------------------------- schedule and split
-
 def test_lr_warms_up_then_decays_to_the_final_ratio():
     cfg = small_cfg(lr=1.0, warmup_steps=4, lr_final_ratio=0.1)
-    lrs = [train.lr_at(s, cfg, 20) for s in range(20)]
+    lrs = [objective.lr_at(s, cfg, 20) for s in range(20)]
     assert lrs[0] == pytest.approx(0.2) and lrs[3] == pytest.approx(0.8)
     assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
     assert all(x < y for x, y in zip(lrs[:4], lrs[1:5])) and all(x > y for x, y in zip(lrs[4:], lrs[5:]))
 
 
-@pytest.mark.parametrize("n_examples, fraction", [(1, 0.5), (2, 0.0), (2, 0.1), (3, 1.0), (40, 0.25)])
-def test_split_validation_by_example(n_examples, fraction):
-    rows = [{"example_id": f"e{i}", "sample_index": s} for i in range(n_examples) for s in range(3)]
-    tr, va = train.split_validation(rows, fraction)
-    assert tr and len(tr) + len(va) == len(rows)
-    assert not {r["example_id"] for r in tr} & {r["example_id"] for r in va}  # samples never straddle
-    assert bool(va) == (fraction > 0 and n_examples >= 2)
-    ids = {r["example_id"] for r in va}
-    assert {r["example_id"] for r in train.split_validation(list(reversed(rows)), fraction)[1]} == ids  # order-free
-    assert train.plan_steps(small_cfg(epochs=1.0, batch_size=4, max_steps=100), len(tr)) == math.ceil(len(tr) / 4)
-
-
 # --------------------------------------------------------------------------- the loop
 
-def test_loss_decreases_and_best_state_is_kept(tokenizer):
-    cfg = small_cfg(lr=1e-2)
-    data = featurize(tokenizer, 10, cfg)
-    model = make_model(tokenizer)
-    result = train.fit(model, data[:8], data[8:], cfg, pad_id=tokenizer.pad_token_id)
-    assert result.steps == 30 and result.device == "cpu" and result.compilations == 0
+@pytest.mark.parametrize("n_rows", [3, 24])
+def test_every_job_trains_the_same_number_of_steps(tokenizer, n_rows):
+    cfg = small_cfg(steps=6, log_every=1, lr=1e-2)
+    logged = []
+    result = trainer.fit(make_model(tokenizer), featurize(tokenizer, n_rows), cfg, pad_id=0,
+                         log_metrics=lambda m, step: logged.append(step) if "loss" in m else None)
+    assert result.steps == 6 and logged == [1, 2, 3, 4, 5, 6]  # six optimizer steps, whatever the slice size
+    assert result.epochs == pytest.approx(6 * 4 / n_rows)       # 3 rows: 8 passes; 24 rows: one
+    assert result.best_step == 6 and result.curve == []          # no selector: the last step is kept
+
+
+def test_loss_decreases(tokenizer):
+    result = trainer.fit(make_model(tokenizer), featurize(tokenizer, 8), small_cfg(lr=1e-2, steps=20), pad_id=0)
+    assert result.steps == 20 and result.device == "cpu" and result.compilations == 0
     assert result.final_loss < 0.5 * result.first_loss
-    assert result.best_step in (10, 20, 30)
-    # the model left behind is the best state: its validation loss is the best one recorded
-    val = train.evaluate(model, data[8:], 2, cfg.length_buckets, tokenizer.pad_token_id, torch.device("cpu"), "cpu")
-    assert val == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+class ScriptedSelector:
+    """Returns the scripted rewards in turn and remembers the model state it was shown each time."""
+
+    def __init__(self, rewards):
+        self.rewards, self.states, self.modes = list(rewards), [], []
+
+    def __call__(self, model):
+        self.states.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        self.modes.append(model.training)
+        return self.rewards[len(self.states) - 1]
+
+
+@pytest.mark.parametrize("rewards, best", [([0.1, 0.3, 0.9, 0.9, 0.2], 2), ([0.8, 0.3, 0.1, 0.2, 0.8], 0)])
+def test_selection_keeps_the_step_with_the_best_reward(tokenizer, rewards, best):
+    cfg = small_cfg(steps=8, eval_every=2, log_every=2)
+    select, logged = ScriptedSelector(rewards), []
+    model = make_model(tokenizer)
+    result = trainer.fit(model, featurize(tokenizer, 8), cfg, pad_id=0, select=select,
+                         log_metrics=lambda m, step: logged.append((step, m["selection_reward"])) if "selection_reward" in m else None)
+    steps = [0, 2, 4, 6, 8]
+    assert result.curve == logged == list(zip(steps, rewards))  # step 0, every eval_every, the last
+    assert result.best_step == steps[best] and result.best_reward == rewards[best]  # ties: the earlier step
+    assert result.initial_reward == rewards[0] and select.modes == [False] * 5
+    kept = select.states[best]
+    assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters())  # the model holds that state
+    assert not all(torch.equal(p, select.states[-1][n]) for n, p in model.named_parameters())
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tokenizer, tmp_path):
+    cfg = small_cfg(steps=8, eval_every=2, checkpoint_every=3, log_every=1, lr=1e-2)
+    rows = featurize(tokenizer, 6)
+    select = heldout_reward(tokenizer, featurize(tokenizer, 10)[6:])
+    whole = make_model(tokenizer)
+    expected = trainer.fit(whole, rows, cfg, pad_id=0, select=select)
+
+    store = checkpoints.ResumeStore(tmp_path / "resume")
+    with pytest.raises(trainer.TrainingInterrupted):
+        trainer.fit(make_model(tokenizer), rows, cfg, pad_id=0, select=select, store=store, stop_after_steps=5)
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == ["state-00000003"]  # the latest state only
+    (tmp_path / "resume" / ".tmp-killed-while-saving").mkdir()  # a save that never finished is ignored
+    resumed_model, seen = make_model(tokenizer), []
+    resumed = trainer.fit(resumed_model, rows, cfg, pad_id=0, select=select, store=store,
+                          log_metrics=lambda m, step: seen.append(step) if "loss" in m else None)
+    assert resumed.resumed_from == 3 and seen == [4, 5, 6, 7, 8]  # steps 4 and 5 redone, 1-3 not
+    assert resumed.final_loss == pytest.approx(expected.final_loss, rel=1e-4)
+    assert resumed.first_loss == pytest.approx(expected.first_loss, rel=1e-6)
+    assert [s for s, _ in resumed.curve] == [s for s, _ in expected.curve] == [0, 2, 4, 6, 8]
+    assert [r for _, r in resumed.curve] == pytest.approx([r for _, r in expected.curve], rel=1e-4)
+    assert resumed.best_step == expected.best_step and resumed.epochs == expected.epochs
+    for p, q in zip(whole.parameters(), resumed_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
 
 
 def test_xla_matches_eager(tokenizer):
-    # AdamW here; Adafactor on XLA runs in the end-to-end test below
-    cfg = small_cfg(optimizer="adamw", max_steps=3, eval_every=3, log_every=1, lr=1e-3, length_buckets=[32])
-    data = featurize(tokenizer, 8, cfg)
+    # AdamW here; Adafactor on XLA runs in the stage test below
+    cfg = small_cfg(optimizer="adamw", steps=3, eval_every=3, log_every=1, lr=1e-3, length_buckets=[32])
+    rows = featurize(tokenizer, 8)
+    select = heldout_reward(tokenizer, rows[6:])
     model = make_model(tokenizer)
     eager, xla = copy.deepcopy(model), copy.deepcopy(model)
-    r_cpu = train.fit(eager, data[:6], data[6:], cfg, pad_id=tokenizer.pad_token_id)
-    r_xla = train.fit(xla, data[:6], data[6:], dataclasses.replace(cfg, device="xla"), pad_id=tokenizer.pad_token_id)
+    r_cpu = trainer.fit(eager, rows[:6], cfg, pad_id=0, select=select)
+    r_xla = trainer.fit(xla, rows[:6], dataclasses.replace(cfg, device="xla"), pad_id=0, select=select)
     assert r_xla.device == "xla"
     assert r_xla.first_loss == pytest.approx(r_cpu.first_loss, rel=1e-4)
     assert r_xla.final_loss == pytest.approx(r_cpu.final_loss, rel=1e-3)
-    assert r_xla.best_val_loss == pytest.approx(r_cpu.best_val_loss, rel=1e-3)
-    # a handful of graphs (per bucket: first/accumulating micro-batch, optimizer step, eval), not one per step
+    assert [r for _, r in r_xla.curve] == pytest.approx([r for _, r in r_cpu.curve], rel=1e-3)  # on a CPU twin
+    # a handful of graphs (per bucket: first/accumulating micro-batch, optimizer step), not one per step
     assert 0 < r_xla.compilations <= 8
     for p, q in zip(eager.parameters(), xla.parameters()):
         assert q.device.type == "cpu" and torch.allclose(p, q, atol=1e-4)
 
 
-def test_lora_trains_adapters_only_and_merges(tokenizer, tiny_dir):
-    cfg = small_cfg(lora_rank=4, lr=1e-2, max_steps=4, eval_every=4)
-    model, _ = train.load_for_training(str(tiny_dir), cfg)
+def test_lora_trains_adapters_only_and_merges(tokenizer, tmp_path):
+    make_model(tokenizer).save_pretrained(tmp_path)
+    cfg = small_cfg(lora_rank=4, lr=1e-2, steps=4)
+    model = checkpoints.load_for_training(tmp_path, cfg)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-    data = featurize(tokenizer, 6, cfg)
-    result = train.fit(model, data[:4], data[4:], cfg, pad_id=tokenizer.pad_token_id)
+    result = trainer.fit(model, featurize(tokenizer, 4), cfg, pad_id=0)
     assert result.final_loss < result.first_loss
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
     merged = model.merge_and_unload()
@@ -221,94 +294,172 @@ def test_lora_trains_adapters_only_and_merges(tokenizer, tiny_dir):
     assert not torch.equal(q_proj, base["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
 
 
-# --------------------------------------------------------------------------- run() end to end
+def test_job_dir_is_keyed_by_the_job_not_the_run(tmp_path):
+    settings = make_settings(tmp_path)
+    key = dict(variant="rest_pg", iteration=2, training_set_version=7, init_ref="packaged:smollm2-135m-instruct")
+    same = checkpoints.job_dir(settings, **key)
+    assert same == checkpoints.job_dir(make_settings(tmp_path), **key)
+    assert same.parent == settings.home_dir / "checkpoints" and same.name.startswith("rest_pg-it2-ts7-")
+    others = [checkpoints.job_dir(settings, **{**key, "iteration": 3}),
+              checkpoints.job_dir(settings, **{**key, "training_set_version": 8}),
+              checkpoints.job_dir(settings, **{**key, "init_ref": "models:/restpg-policy/4"}),
+              checkpoints.job_dir(make_settings(tmp_path, "train.lr=0.001"), **key)]
+    assert len({same, *others}) == 5
 
-def _training_rows(n: int, variant: str, iteration: int):
-    now = dt.datetime(2025, 1, 1)
-    rows = []
-    for i in range(n):
-        prompt, completion = example(i)
-        rows.append((variant, iteration, f"ex{i:03d}", -1, "review", prompt, completion, 1.0 if i else 0.0,
-                     "gold", "v1", "test-run", now))
-    return rows
+
+# --------------------------------------------------------------------------- the stage, end to end
+
+TRAIN_PROMPTS = ["Write a review of a kettle.", "Write a review of a teapot.", "Write an email about tea.",
+                 "Write a review of a mug.", "Write an email about apples.", "Write a review of a fox."]
+TARGETS = ["Great kettle, boils fast.", "The teapot pours well.", "Dear team, tea at ten.",
+           "A mug for 10 apples.", "Apples, 1 pear, a review.", "The quick brown fox jumps."]
+LONG = " ".join(["the lazy dog jumps"] * 20)  # 81 tokens: over every budget below
+
+
+def scripted_score(calls, rewards):
+    """A stand-in for rewards.score: every output of the n-th call earns rewards[n]; records the calls."""
+    def score(settings, inputs, targets, responses):
+        calls.append({"inputs": list(inputs), "targets": list(targets), "responses": list(responses)})
+        return [rewards[len(calls) - 1]] * len(responses)
+    return score
+
+
+def training_row(variant, iteration, i, completion=None, weight=1.0):
+    return {"variant": variant, "iteration": iteration, "example_id": f"t{i}", "sample_index": -1, "task": "product_review",
+            "prompt": TRAIN_PROMPTS[i % 6], "completion": completion or TARGETS[i % 6], "weight": weight}
 
 
 @pytest.fixture(scope="module")
-def e2e(spark, tmp_path_factory, tiny_dir):
+def stage(spark, tiny, tmp_path_factory):
+    """A home with examples (train + val), retrievals and training_sets, and the SFT job run once with
+    a scripted selection reward that makes step 3 of 6 the best: neither the start nor the end."""
     import mlflow
 
-    from restpg import catalog
     from restpg.runtime import setup_mlflow
 
-    home = tmp_path_factory.mktemp("train-home")
-    settings = load_settings("local", home=str(home), overrides=[
-        f"models.policy={tiny_dir}", "catalog.schema=restpg_train_test", "mlflow.policy_model_name=tiny-policy",
-        "train.device=xla", "train.optimizer=adafactor", "train.lr=0.01", "train.warmup_steps=1",
-        "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=6", "train.epochs=50.0",
-        "train.max_input_tokens=16", "train.max_output_tokens=12", "train.length_buckets=[32]",
-        "train.eval_every=2", "train.log_every=2", "train.val_fraction=0.25"])
-    rows = _training_rows(12, "sft", 0) + _training_rows(3, "sft", 1)  # iteration 1 must stay unread
-    catalog.replace_slice(spark, settings, spark.createDataFrame(rows, catalog.spec("training_sets").struct()),
-                          "training_sets", {"variant": "sft"}, "test-run")
+    settings = make_settings(
+        tmp_path_factory.mktemp("train-home"), f"models.policy={tiny}", "catalog.schema=restpg_train_test",
+        "mlflow.policy_model_name=tiny-policy", "train.device=cpu", "train.optimizer=adafactor", "train.lr=0.01",
+        "train.warmup_steps=1", "train.batch_size=4", "train.micro_batch_size=2", "train.steps=6", "train.eval_every=3",
+        "train.log_every=2", "train.checkpoint_every=2", "train.selection_examples=3", "train.length_buckets=[64]",
+        "prompt.max_input_tokens=128", "prompt.max_reasoning_tokens=8", "prompt.max_response_tokens=32")
+    examples = [example_row(f"t{i}", f"u{i}", "train", input=TRAIN_PROMPTS[i], target=TARGETS[i]) for i in range(6)]
+    examples += [example_row(f"v{i}", f"u{i}", "val", input=TRAIN_PROMPTS[i], target=f"val target {i}: " + TARGETS[i])
+                 for i in range(4)]
+    write_rows(spark, settings, "examples", examples)
+    write_rows(spark, settings, "retrievals", [
+        {"example_id": f"v{i}", "retriever": settings.models.retriever, "k": 1,
+         "items": [{"rank": 1, "item_id": f"u{i}-p0", "score": 0.5, "text": "I wrote about tea."}]} for i in range(4)])
+    rows = [training_row("sft", 0, i) for i in range(5)]
+    rows += [training_row("sft", 0, 5, completion=LONG), training_row("sft", 0, 6, weight=0.0)]
+    rows += [training_row("sft", 1, i) for i in range(2)]  # another iteration: never read
+    rows += [training_row("rest_em", 1, i, weight=0.5) for i in range(3)]
+    rows += [training_row("sft_reasoning", 0, i, completion=LONG) for i in range(2)]
+    write_rows(spark, settings, "training_sets", rows)
     setup_mlflow(settings)
-    with mlflow.start_run(run_name="pipeline") as parent:
-        result = train.run(spark, settings, "sft", 0)
-    return settings, result, parent.info.run_id
+    calls = []
+    with mlflow.start_run(run_name="train") as run:
+        result = train.run(spark, settings, variant="sft", iteration=0, run_id=run.info.run_id,
+                           score=scripted_score(calls, [0.25, 0.75, 0.5]))
+    sample = selection.selection_sample(spark, settings, "sft")
+    return settings, result, calls, sample
 
 
-def test_run_trains_registers_and_logs_lineage(e2e, tiny_dir):
+def test_run_trains_selects_registers_and_logs(stage, tiny):
     from mlflow import MlflowClient
 
-    settings, result, parent_id = e2e
-    assert result["device"] == "xla" and result["steps"] == 6 and 0 < result["compilations"] <= 8
-    assert result["train_rows"] + result["val_rows"] == 11  # the weight-0 row is dropped, iteration 1 unread
-    assert result["val_rows"] > 0 and result["final_loss"] < result["first_loss"]
-    assert result["model_uri"] == f"models:/tiny-policy/{result['version']}"
+    settings, result, calls, sample = stage
+    assert result["device"] == "cpu" and result["steps"] == 6 and result["compilations"] == 0
+    assert result["train_rows"] == 5 and result["dropped_too_long"] == 1  # weight-0 row left out, iteration 1 unread
+    assert result["epochs"] == pytest.approx(6 * 4 / 5) and result["init_ref"] == tiny
+    assert result["selection_curve"] == [(0, 0.25), (3, 0.75), (6, 0.5)]
+    assert (result["best_step"], result["best_reward"], result["initial_reward"]) == (3, 0.75, 0.25)
+    # the selection sample: 3 of the 4 validation examples, the same inputs at every evaluation
+    assert len(calls) == 3 and all(c["targets"] == calls[0]["targets"] == sample.targets for c in calls)
+    assert len(sample.targets) == 3 and all(t.startswith("val target") for t in sample.targets)
+    assert calls[0]["responses"] != calls[1]["responses"]  # training changed what the model writes
+
     client = MlflowClient()
-    version = client.get_model_version("tiny-policy", result["version"])
-    assert version.tags["variant"] == "sft" and version.tags["iteration"] == "0"
-    assert version.tags["init_ref"] == str(tiny_dir) and float(version.tags["val_loss"]) == pytest.approx(result["best_val_loss"], rel=1e-5)
-    assert version.tags["training_set_version"] == str(result["training_set_version"])
-    run = client.get_run(result["run_id"])
-    assert run.data.tags["mlflow.parentRunId"] == parent_id
-    assert [m.step for m in client.get_metric_history(result["run_id"], "val_loss")] == [2, 4, 6]
-    meta = json.loads((Path(result["checkpoint_dir"]) / train.CHECKPOINT_META).read_text())
-    assert meta["step"] == result["best_step"] and meta["init_ref"] == str(tiny_dir)
-    assert meta["train_config"]["batch_size"] == 4 and meta["training_set_version"] == result["training_set_version"]
+    assert result["model_uri"] == f"models:/tiny-policy/{result['version']}"
+    tags = client.get_model_version("tiny-policy", result["version"]).tags
+    assert tags["variant"] == "sft" and tags["iteration"] == "0" and tags["init_ref"] == tiny
+    assert tags["run_id"] == result["run_id"] and tags["training_set_version"] == str(result["training_set_version"])
+    assert float(tags["selection_reward"]) == pytest.approx(0.75)
+    history = sorted(client.get_metric_history(result["run_id"], "selection_reward"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(0, 0.25), (3, 0.75), (6, 0.5)]
+    assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 4, 6]
+    out = Path(result["checkpoint_dir"])
+    assert out.parent.parent == settings.home_dir / "checkpoints" and result["run_id"] not in str(out)
+    assert not (out.parent / "resume").exists()  # the finished job's resume states are gone
+    meta = json.loads((out / checkpoints.CHECKPOINT_META).read_text())
+    assert meta["best_step"] == 3 and meta["train_config"]["steps"] == 6
 
 
-def test_registered_checkpoint_loads_back_as_the_best_state(e2e):
-    from transformers import AutoModelForCausalLM
+def test_registered_checkpoint_is_the_selected_state(stage):
+    import mlflow
 
     from restpg import models
 
-    settings, result, _ = e2e
-    registered, tokenizer = models.load_causal_lm(result["model_uri"], settings)
-    saved = AutoModelForCausalLM.from_pretrained(result["checkpoint_dir"])
-    ids = torch.tensor([tokenizer("user 3 writes about travel")["input_ids"]])
-    with torch.no_grad():
-        assert torch.allclose(registered(input_ids=ids).logits, saved(input_ids=ids).logits, atol=1e-6)
-    # its validation loss is the best one recorded: the best state, not merely the last, was saved
-    cfg = settings.train
-    rows = [r for r in _training_rows(12, "sft", 0) if r[7] > 0]
-    _, val_rows = train.split_validation([{"example_id": r[2], "prompt": r[5], "completion": r[6], "weight": r[7]}
-                                          for r in rows], cfg.val_fraction)
-    val = [dict(train.build_features(tokenizer, r["prompt"], r["completion"], cfg.max_input_tokens,
-                                     cfg.max_output_tokens), weight=r["weight"]) for r in val_rows]
-    loss = train.evaluate(registered, val, cfg.micro_batch_size, cfg.length_buckets, tokenizer.pad_token_id,
-                          torch.device("cpu"), "cpu")
-    assert loss == pytest.approx(result["best_val_loss"], rel=1e-4)
-
-
-def test_registered_pyfunc_writes_text(e2e):
-    import mlflow
-
-    _, result, _ = e2e
-    out = mlflow.pyfunc.load_model(result["model_uri"]).predict(["user 2 writes about books"], params={"max_new_tokens": 4})
+    settings, result, calls, sample = stage
+    model, tokenizer = models.load_causal_lm(result["model_uri"], settings)
+    replay = []
+    selection.Selector(sample, tokenizer, settings, "sft", scripted_score(replay, [0.0]))(model)
+    assert replay[0]["responses"] == calls[1]["responses"]  # what step 3 wrote, not step 0 or step 6
+    out = mlflow.pyfunc.load_model(result["model_uri"]).predict(["Write a review of a kettle."], params={"max_new_tokens": 4})
     assert len(out) == 1 and isinstance(out[0], str)
 
 
-def test_empty_slice_fails_clearly(spark, e2e):
-    settings, _, _ = e2e
-    with pytest.raises(ValueError, match="no rows for variant='rest_pg' iteration=2"):
-        train.run(spark, settings, "rest_pg", 2)
+def test_restart_from_previous_starts_from_the_sampling_policy(stage, spark, tiny):
+    import mlflow
+
+    settings, sft, sft_calls, _ = stage
+    assert train.start_ref(settings, "rest_em", 1) == tiny  # restart_from=base (the paper): a fresh base
+    previous = dataclasses.replace(settings, train=dataclasses.replace(settings.train, restart_from="previous"))
+    assert train.start_ref(previous, "rest_em", 0) == tiny  # SFT always starts from the base policy
+    calls = []
+    with mlflow.start_run(run_name="train-rest_em") as run:
+        result = train.run(spark, previous, variant="rest_em", iteration=1, run_id=run.info.run_id, register=False,
+                           score=scripted_score(calls, [0.5, 0.5, 0.5]))
+    assert result["init_ref"] == sft["model_uri"] and result["model_uri"] is None
+    assert result["train_rows"] == 3 and result["steps"] == 6 and result["epochs"] == pytest.approx(8.0)
+    assert result["best_step"] == 0  # ties keep the earliest step
+    # step 0 is the registered SFT model (its step 3), not the base policy (SFT's step 0)
+    assert calls[0]["responses"] == sft_calls[1]["responses"] != sft_calls[0]["responses"]
+
+
+def test_every_row_too_long_fails_with_the_numbers(stage, spark):
+    import mlflow
+
+    settings = stage[0]
+    cap = prompts.output_budget("sft_reasoning", 8, 32)
+    with mlflow.start_run(run_name="too-long") as run:
+        with pytest.raises(ValueError, match=rf"all 2 rows .* longer than the output budget of {cap} tokens \(longest 81\)"):
+            train.run(spark, settings, variant="sft_reasoning", iteration=0, run_id=run.info.run_id)
+
+
+def test_empty_slice_and_foreign_run_fail_clearly(stage, spark):
+    import mlflow
+
+    settings = stage[0]
+    with mlflow.start_run(run_name="empty") as run:
+        with pytest.raises(ValueError, match="no rows with weight > 0 for variant='rest_pg' iteration=2"):
+            train.run(spark, settings, variant="rest_pg", iteration=2, run_id=run.info.run_id)
+    with pytest.raises(ValueError, match="not it"):
+        train.run(spark, settings, variant="sft", iteration=0, run_id="not-the-active-run")
+
+
+@pytest.mark.slow
+def test_gemma_rendered_chat_prompt_gets_exactly_one_bos(tmp_path):
+    from helpers import GEMMA
+
+    from restpg import models
+
+    settings = make_settings(tmp_path)
+    tokenizer = models.load_tokenizer(GEMMA, settings)
+    prompt = generation.render_chat(tokenizer, "Write a review of a kettle.")
+    assert prompt.startswith(tokenizer.bos_token)  # the chat template writes BOS itself
+    f = data.build_features(tokenizer, prompt, "Great kettle, boils fast.")
+    ids = generation.encode(tokenizer, prompt)
+    assert f["input_ids"][:len(ids)] == ids
+    assert f["input_ids"][0] == tokenizer.bos_token_id and f["input_ids"].count(tokenizer.bos_token_id) == 1
+    assert f["input_ids"][-1] == tokenizer.eos_token_id

@@ -1,4 +1,4 @@
-"""Sentence embeddings on Spark (retrieval and the embedding reward), model cached per worker."""
+"""Sentence embeddings on Spark (retrieval; the embedding reward lives in `restpg.rewards`), model cached per worker."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -13,7 +13,11 @@ def embed_texts(texts: list[str], ref: str, env: dict, batch_size: int = 64) -> 
     """Unit-normalised embeddings, so a dot product is the cosine."""
     from restpg import models
 
-    model = models.cached_embedder(ref, models.worker_settings(env))
+    return embed_with(models.cached_embedder(ref, models.worker_settings(env)), texts, batch_size)
+
+
+def embed_with(model, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Unit-normalised embeddings of `texts` under a loaded SentenceTransformer."""
     if not texts:
         return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
     return model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
@@ -36,10 +40,3 @@ def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str |
 
     return df.withColumn(out_col, embed(F.col(text_col)))
 
-
-def cosine_rewards(responses: list[str], targets: list[str], ref: str, env: dict) -> list[float]:
-    """Embedding reward: cosine of response and expected output (`list[str] -> list[float]`)."""
-    if not responses:
-        return []
-    a, b = embed_texts(responses, ref, env), embed_texts(targets, ref, env)
-    return [float(x) for x in np.sum(a * b, axis=1)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from restpg import models
+from restpg import models, prompts
 from restpg.config import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ def sample_seed(example_id: str, sample_index: int, iteration: int, base_seed: i
     """A stable 63-bit seed per sample, so a rerun (or a resumed run) reproduces the same text."""
     digest = hashlib.sha1(f"{base_seed}:{iteration}:{example_id}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def output_cap(settings: Settings, variant: str) -> int:
+    """New-token cap of a variant's outputs (sampling, evaluation): its response budget, plus the
+    reasoning budget and the separator for reasoning variants, never one budget shared by both."""
+    return prompts.output_budget(variant, settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
 
 
 def render_chat(tokenizer, text: str) -> str:

@@ -1,99 +1,76 @@
-"""Rewards (Algorithm 1, line 6): the LLM judge (paper Fig. 6, criterion argmax / 10) or the
-embedding cosine, on the response only — never the reasoning → `judge_scores`."""
+"""Judge stage (Algorithm 1, line 6): the reward of every trajectory of one (variant, iteration) →
+`judge_scores`. The reward (`restpg.rewards`) sees the response only, never the reasoning: an output
+whose format leaves no response to judge (`prompts.parse_output`) gets reward 0, no score and no model
+call, and the filter never keeps it."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator
 
 import pandas as pd
 
-from restpg import catalog, prompts
+from restpg import catalog, prompts, rewards
 from restpg.config import Settings
 
-REWARD_COLUMNS = "reward double, score int, criterion_logprobs map<string,double>"
+FORMAT_FIELDS = "reasoning string, response string, format_ok boolean, format_issue string"
 
 
-def pick_score(logprobs: dict[str, float], scores: list[int]) -> int:
-    """The criterion whose score string is most probable; ties go to the lower score."""
-    return max(scores, key=lambda s: (logprobs[str(s)], -s))
+def with_output_format(pdf: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """Trajectory rows (raw_text, finished) + reasoning, response, format_ok, format_issue, recomputed from
+    the raw text so the judged response never depends on how the sampler split it."""
+    outs = [prompts.parse_output(variant, raw, bool(done)) for raw, done in zip(pdf["raw_text"], pdf["finished"])]
+    return pdf.assign(reasoning=[o.reasoning for o in outs], response=[o.response for o in outs],
+                      format_ok=[o.format_ok for o in outs], format_issue=[o.format_issue for o in outs])
 
 
-def judge_model(settings: Settings) -> str:
-    return settings.models.judge if settings.judge.reward == "llm" else settings.models.retriever
+def judge_rows(trajectories, rewarder: rewards.Rewarder, variant: str):
+    """Trajectories joined with their examples' input and target → + FORMAT_FIELDS and the reward columns;
+    parsing and rewarding share one pass over the rows (one Python worker per task)."""
+    from pyspark.sql.types import StructType, _parse_datatype_string
 
-
-def add_rewards(spark, settings: Settings, df):
-    """df with input, target, response → + reward, score, criterion_logprobs, reward_kind, judge_model, template_version."""
-    from pyspark.sql import functions as F
-
-    from restpg import models
-
-    kind, env = settings.judge.reward, models.worker_env(settings)
-    ref = models.resolve_ref(judge_model(settings), settings)
-    if kind == "embedding":
-        from restpg.embedding import cosine_rewards
-
-        @F.pandas_udf("double")
-        def cosine(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
-            for responses, targets in batches:
-                yield pd.Series(cosine_rewards(responses.fillna("").tolist(), targets.fillna("").tolist(), ref, env))
-
-        return (df.withColumn("reward", cosine("response", "target")).withColumn("score", F.lit(None).cast("int"))
-                .withColumn("criterion_logprobs", F.lit(None).cast("map<string,double>"))
-                .withColumn("reward_kind", F.lit(kind)).withColumn("judge_model", F.lit(ref))
-                .withColumn("template_version", F.lit(None).cast("string")))
-    if kind != "llm":
-        raise ValueError(f"unknown reward {kind!r}: llm | embedding")
-    from restpg import scoring
-
-    scores, budget = list(settings.judge.scores), settings.judge.max_input_tokens
-    models.checkpoint_dir(ref, settings)
-
-    def render(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from restpg import generation
-
-        tokenizer = models.load_tokenizer(ref, models.worker_settings(env))
+    def judged(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            out = []
-            for r in pdf.itertuples():
-                target, response = r.target, r.response or ""
-                text = generation.render_chat(tokenizer, prompts.judge_prompt(r.input, target, response))
-                while generation.count_tokens(tokenizer, text) > budget and (len(target) > 200 or len(response) > 200):
-                    target, response = target[: int(len(target) * 0.8)], response[: int(len(response) * 0.8)]
-                    text = generation.render_chat(tokenizer, prompts.judge_prompt(r.input, target, response))
-                out.append(text)
-            yield pdf.assign(judge_prompt=out)
+            yield rewarder.assign(with_output_format(pdf, variant))
 
-    from pyspark.sql.types import StringType, StructField, StructType
-
-    schema = StructType([*df.schema.fields, StructField("judge_prompt", StringType())])  # `add` would mutate df's schema
-    scored = scoring.score_df(df.mapInPandas(render, schema), ref, settings, [str(s) for s in scores], prompt_col="judge_prompt",
-                              out_col="criterion_logprobs")
-    pick = F.udf(lambda lp: pick_score(lp, scores), "int")
-    return (scored.drop("judge_prompt").withColumn("score", pick("criterion_logprobs"))
-            .withColumn("reward", F.col("score") / F.lit(max(scores)))
-            .withColumn("reward_kind", F.lit(kind)).withColumn("judge_model", F.lit(ref))
-            .withColumn("template_version", F.lit(prompts.template("judge").version)))
+    added = _parse_datatype_string(f"{FORMAT_FIELDS}, {rewards.REWARD_FIELDS}").fields
+    return rewarder.with_lineage(trajectories.mapInPandas(judged, StructType(trajectories.schema.fields + added)))
 
 
-def run(spark, settings: Settings, variant: str, iteration: int, run_id: str = "manual") -> dict:
+def format_report(rows: int, issue_counts: dict) -> dict:
+    """{format_issues: {issue: n} over every known issue, format_ok_rate} of `rows` outputs."""
+    issues = {issue: int(issue_counts.get(issue, 0)) for issue in prompts.FORMAT_ISSUES}
+    bad = sum(issues.values())
+    return {"format_issues": issues, "format_ok_rate": round((rows - bad) / rows, 4) if rows else None}
+
+
+def format_counts(df) -> dict:
+    """format_report of a DataFrame with format_issue (null when format_ok), in one pass."""
+    counts = {r.format_issue: r["count"] for r in df.groupBy("format_issue").count().collect()}
+    return format_report(sum(counts.values()), {k: v for k, v in counts.items() if k is not None})
+
+
+def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str) -> dict:
     from pyspark.sql import functions as F
 
-    traj = catalog.read(spark, settings, "trajectories").where((F.col("variant") == variant) & (F.col("iteration") == iteration))
+    slice_ = {"variant": variant, "iteration": iteration}
+    traj = catalog.read_slice(spark, settings, "trajectories", slice_)
     if traj.limit(1).count() == 0:
         raise LookupError(f"no trajectories for variant={variant} iteration={iteration}: run `restpg sample` first")
     examples = catalog.read(spark, settings, "examples").select("example_id", "input", "target")
-    rows = add_rewards(spark, settings, traj.join(examples, "example_id").select(
-        "variant", "iteration", "example_id", "task", "sample_index", "input", "target", "response", "reasoning"))
-    out = rows.select(
+    columns = ("variant", "iteration", "example_id", "task", "sample_index", "raw_text", "finished")
+    judged = judge_rows(traj.select(*columns).join(examples, "example_id"), rewards.Rewarder.from_settings(settings), variant)
+    out = judged.select(
         "variant", "iteration", "example_id", "task", "sample_index", "reward_kind", "judge_model", "template_version",
-        "reward", "score", "criterion_logprobs", F.length("response").alias("response_chars"),
-        F.coalesce(F.length("reasoning"), F.lit(0)).alias("reasoning_chars"),
+        "reward", "score", "criterion_logprobs", "format_ok", "format_issue",
+        F.length("response").alias("response_chars"), F.coalesce(F.length("reasoning"), F.lit(0)).alias("reasoning_chars"),
         F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
-    slice_ = {"variant": variant, "iteration": iteration, "reward_kind": settings.judge.reward}
-    version = catalog.replace_slice(spark, settings, out, "judge_scores", slice_, run_id)
-    written = catalog.read(spark, settings, "judge_scores").where(
-        (F.col("variant") == variant) & (F.col("iteration") == iteration) & (F.col("reward_kind") == settings.judge.reward))
-    stats = written.agg(F.count("*").alias("rows"), F.avg("reward").alias("mean_reward"),
-                        F.expr("percentile(reward, array(0.1, 0.5, 0.9))").alias("p10_p50_p90")).first().asDict()
-    per_task = {r.task: round(r.m, 4) for r in written.groupBy("task").agg(F.avg("reward").alias("m")).collect()}
-    return {"version": version, "reward_kind": settings.judge.reward, "per_task_mean": per_task, **stats}
+    kind = settings.judge.reward
+    version = catalog.replace_slice(spark, settings, out, "judge_scores", {**slice_, "reward_kind": kind}, run_id)
+    written = catalog.read_slice(spark, settings, "judge_scores", {**slice_, "reward_kind": kind})
+    groups = written.groupBy("task", "format_issue").agg(F.count("*").alias("n"), F.sum("reward").alias("total")).toPandas()
+    quantiles = written.agg(F.expr("percentile(reward, array(0.1, 0.5, 0.9))")).first()[0]
+    by_task = groups.groupby("task")[["n", "total"]].sum()
+    issues = groups.dropna(subset=["format_issue"]).groupby("format_issue")["n"].sum().to_dict()
+    n = int(groups.n.sum())
+    return {"version": version, "reward_kind": kind, "judge_model": rewards.judge_model(settings), "rows": n,
+            "mean_reward": float(groups.total.sum()) / n, "p10_p50_p90": quantiles,
+            "per_task_mean": {t: round(float(r.total) / r.n, 4) for t, r in by_task.iterrows()}, **format_report(n, issues)}

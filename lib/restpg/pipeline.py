@@ -135,7 +135,7 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
                 fp_s, _ = steps.run("sample", sl, _cfg(s.sample) | prompt_cfg, [policy_fp, fp_valid],
                                     fn=lambda rid, redo, v=variant, t=t: importlib.import_module("restpg.sample").run(
                                         spark, s, variant=v, iteration=t, run_id=rid, force=redo))
-                fp_j, judged = steps.run("judge", sl, _cfg(s.judge) | {"judge": judge_model(s)}, [fp_s], variant=variant, iteration=t)
+                fp_j, judged = steps.run("judge", sl, _cfg(s.judge) | {"judge": judge_model(s), "template": prompts.template("judge").version}, [fp_s], variant=variant, iteration=t)
                 mean_reward.setdefault(variant, []).append(judged.get("mean_reward"))
                 fp_f, _ = steps.run("filtering", sl, _cfg(s.filter), [fp_j], variant=variant, iteration=t)
                 fp_model[(variant, t)], _ = steps.run("train", sl, train_cfg, [fp_f, policy_fp if s.train.restart_from == "previous" else ""],

@@ -9,7 +9,7 @@ from importlib import resources
 from restpg import tasks, variants
 
 SEPARATOR = "\n=== Response ===\n"
-TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v1"}
+TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v2"}
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,6 @@ def policy_parts(variant: str, task: str, input_text: str, item_texts: list[str]
 def teacher_parts(input_text: str, target: str, item_texts: list[str], max_item_chars: int):
     head, tail = template("teacher_reasoning").parts(input=input_text, target=target)
     return head, [t[:max_item_chars].replace("\n", " ").strip() + " | " for t in item_texts], tail
-
-
-def judge_prompt(input_text: str, target: str, response: str) -> str:
-    return template("judge").render(input=input_text, target=target, response=response)
 
 
 def split_reasoning(raw: str) -> tuple[str | None, str, bool]:

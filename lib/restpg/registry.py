@@ -1,4 +1,5 @@
-"""Which registered policy version belongs to a (variant, iteration): tags set by the training job."""
+"""The policy in the MLflow registry: registering a trained checkpoint (a pyfunc tagged with its lineage)
+and finding which version belongs to a (variant, iteration) from those tags."""
 from __future__ import annotations
 
 from restpg.config import Settings
@@ -50,3 +51,61 @@ def final_policy(settings: Settings, variant: str, iterations: int) -> str:
     if uri is None:
         raise LookupError(f"no policy trained for {variant} iteration {last}")
     return uri
+
+
+def _policy_pyfunc():
+    """A pyfunc that writes text from the checkpoint artifact (greedy, `max_new_tokens` param).
+    Defined inside a function so cloudpickle stores the class by value: loading the model needs mlflow,
+    torch and transformers, not restpg."""
+    import mlflow.pyfunc
+
+    class PolicyModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = context.artifacts["checkpoint"]
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+            max_new_tokens = int((params or {}).get("max_new_tokens", 64))
+            bos = self.tokenizer.bos_token
+            texts = []
+            for prompt in prompts:
+                # as restpg.generation.encode: a rendered chat template may already start with BOS
+                ids = self.tokenizer(prompt, return_tensors="pt",
+                                     add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+                with torch.no_grad():
+                    out = self.model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+                texts.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            return texts
+
+    return PolicyModel()
+
+
+def register_checkpoint(settings: Settings, checkpoint, tags: dict) -> tuple[str, str]:
+    """Log the HF `checkpoint` directory as a pyfunc model of the active MLflow run and register it as
+    a new version of the policy model, tagged with its lineage; returns (models:/ URI, version)."""
+    import mlflow
+    import torch
+    import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]))
+    name = settings.mlflow.policy_model_name
+    info = mlflow.pyfunc.log_model(
+        name="policy", python_model=_policy_pyfunc(), artifacts={"checkpoint": str(checkpoint)}, signature=signature,
+        # explicit requirements: inferring them would load the model once more in a subprocess
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                          f"transformers=={transformers.__version__}", "accelerate", "safetensors"],
+        registered_model_name=name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return model_uri(settings, version), version

@@ -1,23 +1,30 @@
-"""Log-probabilities of candidate continuations (e.g. a judge's scores "1".."10") with one prefill per prompt.
+"""Log-probabilities of whole labels (a judge's scores "1".."10") with one prefill per prompt.
 
-The prompts are prefilled once; their KV cache is repeated once per candidate and a single forward over the
-right-padded candidate tokens gives every candidate's teacher-forced log-probability. A candidate is
-tokenized on its own (no special tokens, no space added) and appended to the prompt's tokens: pass " 10"
-when the natural continuation of the prompt has a space before the number.
+A label is scored as a complete answer: its tokens, then a token that ends it. Tokenizers that split
+digits (Gemma's, Llama's) write "10" as "1" + "0", so the summed log-probability of the label's tokens
+alone can never rank "10" above "1" (log p("1") + log p("0" | "1") ≤ log p("1")). Here "1" only counts
+when what follows does not continue the number: p("1" complete) = p("1") · p(end | "1"), and likewise
+for every label, with the same end set. A number ends at any token whose text does not start with an
+ASCII digit (a newline, a space, punctuation, end-of-turn or EOS), so the events "the answer is 1"
+and "the answer is 10" are disjoint and comparable.
+
+The prompts are prefilled once; their KV cache is repeated once per candidate and a single forward over
+the right-padded candidate tokens gives, for every candidate, its tokens' log-probabilities and the
+distribution of the token after it. A candidate is tokenized on its own (no special tokens, no space
+added) and appended to the prompt's tokens, so the prompt should end where the label starts (the judge
+template ends with a newline; a chat template ends with the assistant turn's header).
 """
 from __future__ import annotations
 
-import logging
+import weakref
 from dataclasses import dataclass
 
-import pandas as pd
 import torch
 
-from restpg import models
-from restpg.config import Settings
 from restpg.generation import prefill
 
-log = logging.getLogger(__name__)
+DIGITS = frozenset("0123456789")
+_ends_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → {vocab_size: mask}
 
 
 @dataclass
@@ -34,62 +41,67 @@ def candidate_ids(tokenizer, candidates: list[str]) -> list[list[int]]:
     return ids
 
 
+def number_ends(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] True for the tokens that end a number: their text does not start with an ASCII digit.
+    Ids past the tokenizer's vocabulary (padding rows of the output layer) count as ends."""
+    known = _ends_cache.setdefault(tokenizer, {})
+    if vocab_size not in known:
+        known[vocab_size] = _number_ends(tokenizer, vocab_size)
+    return known[vocab_size]
+
+
+def _number_ends(tokenizer, vocab_size: int) -> torch.Tensor:
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
+    ends = torch.ones(vocab_size, dtype=torch.bool)
+    ends[: len(tokens)] = torch.tensor([not (t and t[0] in DIGITS) for t in tokens])
+    return ends
+
+
+def label_logprobs(steps: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """log p(label's tokens, then an end token) per row.
+
+    steps: [rows, width + 1, vocab] log-probabilities of the next token after 0..width label tokens;
+    tokens: [rows, width] label tokens, right-padded; lengths: [rows] label lengths; ends: [vocab] bool."""
+    rows, width = tokens.shape
+    present = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
+    picked = steps[:, :width].gather(2, tokens[..., None]).squeeze(2)
+    said = torch.where(present, picked, torch.zeros_like(picked)).sum(1)
+    after = steps[torch.arange(rows, device=tokens.device), lengths]  # the token after the label's last one
+    ended = torch.logsumexp(after.masked_fill(~ends.to(after.device)[None, :], float("-inf")), dim=-1)
+    return said + ended
+
+
 @torch.inference_mode()
-def _score_group(model, tokenizer, prompts: list[str], cand: list[list[int]], stats: ScoringStats) -> torch.Tensor:
-    """[prompts, candidates] summed log-probabilities."""
+def _score_group(model, tokenizer, prompts: list[str], cand: list[list[int]], ends: torch.Tensor,
+                 stats: ScoringStats) -> torch.Tensor:
+    """[prompts, candidates] whole-label log-probabilities."""
     n = len(cand)
     state = prefill(model, tokenizer, prompts, n)
     stats.prefill_passes += 1
-    width = max(len(c) for c in cand)
-    tokens = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in cand] * len(prompts),
-                          device=model.device)
-    present = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in cand] * len(prompts), device=model.device)
-    logprobs = [torch.log_softmax(state.logits, -1)]  # predicts each candidate's first token
-    if width > 1:
-        mask = torch.cat([state.mask, present[:, :-1]], dim=1)
-        positions = state.positions[:, None] + torch.arange(width - 1, device=model.device)
-        out = model(input_ids=tokens[:, :-1], attention_mask=mask, position_ids=positions,
-                    past_key_values=state.cache, use_cache=True)
-        stats.candidate_passes += 1
-        logprobs += list(torch.log_softmax(out.logits.float(), -1).unbind(1))
-    picked = torch.stack([lp.gather(1, tokens[:, j:j + 1]).squeeze(1) for j, lp in enumerate(logprobs)], dim=1)
-    return (picked * present).sum(1).view(len(prompts), n)
+    width, pad = max(len(c) for c in cand), tokenizer.pad_token_id or 0
+    tokens = torch.tensor([c + [pad] * (width - len(c)) for c in cand] * len(prompts), device=model.device)
+    lengths = torch.tensor([len(c) for c in cand] * len(prompts), device=model.device)
+    present = (torch.arange(width, device=model.device)[None, :] < lengths[:, None]).long()
+    out = model(input_ids=tokens, attention_mask=torch.cat([state.mask, present], dim=1),
+                position_ids=state.positions[:, None] + torch.arange(width, device=model.device),
+                past_key_values=state.cache, use_cache=True)
+    stats.candidate_passes += 1
+    steps = torch.log_softmax(torch.cat([state.logits[:, None], out.logits.float()], dim=1), -1)
+    return label_logprobs(steps, tokens, lengths, ends).view(len(prompts), n)
 
 
-def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str],
-                     max_rows: int = 64) -> tuple[list[dict[str, float]], ScoringStats]:
-    """{candidate: log p(candidate | prompt)} per prompt; one prefill per group of max_rows // len(candidates)."""
+def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str], max_rows: int = 64,
+                     ends: torch.Tensor | None = None) -> tuple[list[dict[str, float]], ScoringStats]:
+    """{candidate: log p(candidate as a whole answer | prompt)} per prompt; one prefill per group of
+    max_rows // len(candidates) prompts. `ends` (default `number_ends`) is the set of tokens that end a
+    candidate, the same for every candidate."""
     stats = ScoringStats(prompts=len(prompts))
     cand = candidate_ids(tokenizer, candidates)
+    if ends is None:
+        ends = number_ends(tokenizer, model.get_output_embeddings().weight.shape[0])
     per_group = max(1, max_rows // len(cand))
     scores: list[dict[str, float]] = []
     for start in range(0, len(prompts), per_group):
-        table = _score_group(model, tokenizer, prompts[start:start + per_group], cand, stats)
+        table = _score_group(model, tokenizer, prompts[start:start + per_group], cand, ends, stats)
         scores += [dict(zip(candidates, row)) for row in table.tolist()]
     return scores, stats
-
-
-def score_df(df, model_ref: str, settings: Settings, candidates: list[str], prompt_col: str = "prompt",
-             out_col: str = "logprobs", max_rows: int = 64):
-    """Adds `out_col` map<string,double> (candidate → log-probability given the row's prompt)."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import DoubleType, MapType, StringType
-
-    ref = models.resolve_ref(model_ref, settings)
-    models.checkpoint_dir(ref, settings)  # convert/download once on the driver
-    env, batch_rows = models.worker_env(settings), settings.spark.arrow_batch_rows
-
-    @F.pandas_udf(MapType(StringType(), DoubleType()))
-    def logprobs(prompts: pd.Series) -> pd.Series:
-        model, tokenizer = models.cached_causal_lm(ref, models.worker_settings(env))
-        out: list[dict[str, float]] = []
-        for start in range(0, len(prompts), batch_rows):
-            scores, stats = score_candidates(model, tokenizer, list(prompts.iloc[start:start + batch_rows]),
-                                             candidates, max_rows)
-            log.info("scored %d prompts x %d candidates in %d prefills", stats.prompts, len(candidates),
-                     stats.prefill_passes)
-            out += scores
-        return pd.Series(out)
-
-    df.sparkSession.sparkContext.setJobDescription(f"restpg score: {len(candidates)} candidates with {ref}")
-    return df.withColumn(out_col, logprobs(F.col(prompt_col)))

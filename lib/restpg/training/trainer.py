@@ -1,0 +1,178 @@
+"""The training loop, top to bottom: resume → step 0 selection → steps (loss, schedule, clip,
+optimizer) with selection every `eval_every` steps and a resume state every `checkpoint_every` →
+the selected state left in the model.
+
+SFT (every weight 1.0) and the M-step of REST-PG (reward-weighted NLL) are this one loop; only the
+rows' weights differ. Every job trains exactly `cfg.steps` optimizer steps whatever the number of
+rows, and the checkpoint kept is the one whose own outputs earn the highest mean reward on a fixed
+validation sample (the paper's checkpoint selection), not the lowest loss.
+
+On XLA every micro-batch is padded to one of a few bucket lengths and ends with a graph cut, so few
+graphs get compiled; their number is reported as ``compilations``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from restpg.config import TrainConfig
+from restpg.tracking import say
+from restpg.training.checkpoints import ResumeStore
+from restpg.training.data import DataOrder, collate
+from restpg.training.devices import pick_device, sync, xla_compilations
+from restpg.training.objective import lr_at, make_optimizer, weighted_nll, weighted_tokens
+
+Select = Callable[[torch.nn.Module], float]  # model (eval mode) -> mean reward of its outputs
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by `fit(stop_after_steps=n)` right after step n, as if the job had been killed there."""
+
+
+@dataclass
+class FitResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+    best_step: int  # the step whose state the model holds now (0 = the starting checkpoint)
+    best_reward: float  # its selection reward (nan without a selector: then the last step is kept)
+    initial_reward: float  # the selection reward of the starting checkpoint
+    curve: list  # [(step, selection reward)], step 0 first
+    tokens_per_s: float
+    compilations: int
+    device: str
+    epochs: float  # passes over the training rows
+    resumed_from: int = 0  # the step a resume state brought this job to (0 = a fresh start)
+    step_seconds: list = field(default_factory=list)  # wall time per step of this process, exact only where the loss was fetched
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _reward(select: Select, model, twin, kind: str) -> float:
+    """Selection reward of the model's current state. On XLA a CPU twin generates (token-by-token
+    decoding would compile a graph per length); elsewhere the training model itself, in eval mode."""
+    target = model
+    if twin is not None:
+        sync(kind)
+        twin.load_state_dict(model.state_dict())
+        target = twin
+    target.eval()
+    try:
+        return float(select(target))
+    finally:
+        model.train()
+
+
+def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Select | None = None,
+        store: ResumeStore | None = None, log_metrics=None, stop_after_steps: int | None = None) -> FitResult:
+    """Train `model` in place for cfg.steps steps on `rows` (features with a "weight"), leaving the
+    selected state in it, on the CPU. `store`: resume from its latest state and save one every
+    cfg.checkpoint_every steps and at the end. `log_metrics(metrics, step)`: loss, lr, tokens/s,
+    selection_reward."""
+    dev, kind = pick_device(cfg.device)
+    total_steps, order = cfg.steps, DataOrder(len(rows), cfg.seed)
+    resume = store.latest() if store is not None else None
+    if resume is not None:
+        model.load_state_dict(resume["params"], strict=False)
+        order.load_state_dict(resume["data_order"])
+        torch.set_rng_state(resume["torch_rng"])
+        say(f"train: resuming at step {resume['step']}/{total_steps} from {store.root}")
+    twin = copy.deepcopy(model) if select is not None and kind == "xla" else None
+    model.to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    micro = max(1, min(cfg.micro_batch_size, cfg.batch_size))
+    accum = max(1, cfg.batch_size // micro)
+    compiled_before = xla_compilations() if kind == "xla" else 0
+    log_metrics = log_metrics or (lambda metrics, step: None)
+
+    start, curve = 0, []
+    best_step, best_reward, best_state = total_steps, -math.inf, None  # without a selector the last step is kept
+    first_loss = final_loss = math.nan
+    tokens, train_seconds, step_seconds, pending = 0, 0.0, [], []
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        start, curve = resume["step"], [tuple(x) for x in resume["curve"]]
+        first_loss, final_loss = resume["first_loss"], resume["final_loss"]
+        tokens, train_seconds = resume["tokens"], resume["train_seconds"]
+        best_step, best_reward, best_state = resume["best"]["step"], resume["best"]["reward"], resume["best"]["params"]
+        if best_state is None and select is not None and best_step == start:  # saved once, as the current params
+            best_state = _trainable_state(model)
+
+    def evaluate(step: int) -> None:
+        nonlocal best_step, best_reward, best_state
+        reward = _reward(select, model, twin, kind)
+        curve.append((step, reward))
+        log_metrics({"selection_reward": reward}, step)
+        say(f"train step {step}/{total_steps} | selection reward {reward:.4f}")
+        if reward > best_reward:  # ties keep the earlier step; a nan reward is never the best
+            best_step, best_reward, best_state = step, reward, _trainable_state(model)
+
+    if select is not None and start == 0:
+        evaluate(0)
+    started = time.time()
+    for step in range(start + 1, total_steps + 1):
+        t0 = time.time()
+        lr = lr_at(step - 1, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_indices = [order.take(micro) for _ in range(accum)]
+        step_batches = [collate([rows[i] for i in idx], [rows[i]["weight"] for i in idx], cfg.length_buckets, pad_id)
+                        for idx in step_indices]
+        tokens += sum(len(rows[i]["input_ids"]) for idx in step_indices for i in idx)
+        # one normaliser for the whole step, as a device tensor (a Python float would be a graph constant)
+        denominator = torch.tensor(max(sum(weighted_tokens(b["labels"], b["weights"]) for b in step_batches), 1e-8), device=dev)
+        step_loss = torch.zeros((), device=dev)
+        for b in step_batches:
+            logits = model(input_ids=b["input_ids"].to(dev), use_cache=False).logits
+            loss = weighted_nll(logits, b["labels"].to(dev), b["weights"].to(dev), denominator)
+            loss.backward()
+            step_loss = step_loss + loss.detach()
+            sync(kind)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(kind)
+        pending.append(step_loss)
+
+        logging_step = step in (1, total_steps) or (cfg.log_every > 0 and step % cfg.log_every == 0)
+        if logging_step:
+            losses = [x.item() for x in pending]  # the only host sync of a training step
+            pending = []
+            first_loss = losses[0] if step == 1 else first_loss
+            final_loss = losses[-1]
+        step_seconds.append(time.time() - t0)
+        train_seconds += step_seconds[-1]
+        if logging_step:
+            rate = tokens / max(train_seconds, 1e-9)
+            eta = (time.time() - started) / (step - start) * (total_steps - step)
+            say(f"train step {step}/{total_steps} | loss {final_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s | eta {eta:.0f}s")
+            log_metrics({"loss": final_loss, "lr": lr, "tokens_per_s": rate}, step)
+
+        if select is not None and (step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            evaluate(step)
+        if store is not None and cfg.checkpoint_every > 0 and (step == total_steps or step % cfg.checkpoint_every == 0):
+            store.save({"step": step, "params": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                        "data_order": order.state_dict(), "torch_rng": torch.get_rng_state(), "curve": curve,
+                        "best": {"step": best_step, "reward": best_reward,  # the current params when best_step == step
+                                 "params": best_state if best_step != step else None},
+                        "first_loss": first_loss, "final_loss": final_loss, "tokens": tokens,
+                        "train_seconds": train_seconds})
+        if stop_after_steps is not None and step >= stop_after_steps:
+            raise TrainingInterrupted(f"stopped after step {step}")
+
+    compilations = xla_compilations() - compiled_before if kind == "xla" else 0
+    model.to("cpu")
+    if best_state is not None and best_step != total_steps:
+        model.load_state_dict(best_state, strict=False)
+    return FitResult(total_steps, first_loss, final_loss, best_step, best_reward if best_state is not None else math.nan,
+                     curve[0][1] if curve else math.nan, curve, tokens / max(train_seconds, 1e-9), compilations, kind,
+                     order.epochs, start, step_seconds)

@@ -1,0 +1,121 @@
+"""The judge stage on hand-built trajectories: the response alone is judged, recomputed from raw_text and
+finished; outputs without a response to judge get reward 0, no score and their format issue."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from helpers import example_row, make_settings, write_rows
+from test_scoring import JUDGE_DEFAULT, JUDGE_TABLE, make_bigram_lm
+
+from restpg import catalog, judge, prompts, rewards
+
+SEP = prompts.SEPARATOR
+KETTLE, EMAIL = "Great kettle, boils fast and pours cleanly.", "Hi Sam, the meeting moved to 3pm. Best, Ana"
+UNRELATED = "Quarterly revenue grew in the banking sector."
+
+# (example, sample, raw_text, finished) → (format_ok, format_issue, judged response, reasoning)
+REASONING_ROWS = [
+    ("e1", 0, f"- short sentences{SEP}{KETTLE}", True, (True, None, KETTLE, "- short sentences")),
+    ("e1", 1, KETTLE, True, (False, "no_separator", "", None)),
+    ("e1", 2, f"{SEP}{KETTLE}", True, (False, "empty_reasoning", "", "")),
+    ("e2", 0, f"- signs with a first name{SEP}", True, (False, "empty_response", "", "- signs with a first name")),
+    ("e2", 1, f"- signs with a first name{SEP}{EMAIL}", False, (False, "length_cap", "", "- signs with a first name")),
+    # the reasoning quotes the expected output; only the unrelated response may be judged
+    ("e2", 2, f"- {EMAIL}{SEP}{UNRELATED}", True, (True, None, UNRELATED, f"- {EMAIL}")),
+]
+PLAIN_ROWS = [("e1", 0, KETTLE, True, (True, None, KETTLE, None)), ("e1", 1, "", True, (True, None, "", None)),
+              ("e2", 0, f"- x{SEP}{EMAIL}", False, (True, None, f"- x{SEP}{EMAIL}".strip(), None))]
+
+
+def examples():
+    return [example_row("e1", "u1", input="Write a review of a kettle.", target=KETTLE),
+            example_row("e2", "u2", task="email_completion", input="Write an email to Sam.", target=EMAIL)]
+
+
+def trajectory_rows(variant: str, rows, iteration: int = 1) -> list[dict]:
+    task = {e["example_id"]: e["task"] for e in examples()}
+    # the sampler's own split columns say something else: the judge must not read them
+    return [{"variant": variant, "iteration": iteration, "example_id": ex, "task": task[ex], "sample_index": i,
+             "raw_text": raw, "finished": fin, "response": KETTLE, "reasoning": None, "has_separator": True}
+            for ex, i, raw, fin, _ in rows]
+
+
+@pytest.fixture(scope="module")
+def home(spark, tmp_path_factory):
+    """examples + trajectories of rest_pg and rest_em, iteration 1 (each test writes only judge_scores)."""
+    home = tmp_path_factory.mktemp("judge-home")
+    s = make_settings(home)
+    write_rows(spark, s, "examples", examples())
+    write_rows(spark, s, "trajectories", trajectory_rows("rest_pg", REASONING_ROWS) + trajectory_rows("rest_em", PLAIN_ROWS))
+    return home
+
+
+def judged(spark, s, variant: str):
+    return (catalog.read_slice(spark, s, "judge_scores", {"variant": variant, "iteration": 1, "reward_kind": s.judge.reward})
+            .toPandas().sort_values(["example_id", "sample_index"]).reset_index(drop=True))
+
+
+@pytest.mark.parametrize("rows, issues, rate", [
+    (10, {}, 1.0),
+    (4, {"no_separator": 3, "length_cap": 1}, 0.0),
+    (8, {"empty_response": 2}, 0.75),
+    (0, {}, None),
+])
+def test_format_report(rows, issues, rate):
+    report = judge.format_report(rows, issues)
+    assert list(report["format_issues"]) == list(prompts.FORMAT_ISSUES)
+    assert report["format_issues"] == {k: issues.get(k, 0) for k in prompts.FORMAT_ISSUES}
+    assert report["format_ok_rate"] == rate
+
+
+@pytest.mark.parametrize("variant, rows", [("rest_pg", REASONING_ROWS), ("sft_reasoning", REASONING_ROWS),
+                                           ("rest_em", PLAIN_ROWS), ("sft", PLAIN_ROWS)])
+def test_output_format_from_raw_text_and_finished(variant, rows):
+    pdf = pd.DataFrame(trajectory_rows(variant, rows))
+    out = judge.with_output_format(pdf, variant)
+    assert [tuple(r) for r in out[["format_ok", "format_issue", "response", "reasoning"]].itertuples(index=False)] == \
+        [r[4] for r in rows]
+    assert (out.raw_text == pdf.raw_text).all()  # the input columns stay
+
+
+def test_embedding_judge_scores_the_response_only(spark, home):
+    s = make_settings(home, "judge.reward=embedding")
+    report = judge.run(spark, s, variant="rest_pg", iteration=1, run_id="judge-test")
+    out = judged(spark, s, "rest_pg")
+    expected = [r[4] for r in REASONING_ROWS]
+    assert list(zip(out.format_ok, out.format_issue.where(out.format_issue.notna(), None))) == [e[:2] for e in expected]
+    targets = [KETTLE if ex == "e1" else EMAIL for ex, *_ in REASONING_ROWS]
+    cosines = rewards.score(s, [""] * len(expected), targets, [e[2] for e in expected])
+    assert out.reward.tolist() == pytest.approx(cosines, abs=1e-5)
+    assert out.reward[0] > 0.99 and out.reward[5] < 0.5  # the quoted target in the reasoning did not count
+    assert (out.reward[~out.format_ok] == 0.0).all() and out.score.isna().all()
+    assert out.response_chars.tolist() == [len(e[2]) for e in expected]
+    assert out.reasoning_chars.tolist() == [len(e[3] or "") for e in expected]
+    assert set(out.reward_kind) == {"embedding"} and set(out.run_id) == {"judge-test"}
+    assert report["format_issues"] == {"no_separator": 1, "empty_reasoning": 1, "empty_response": 1, "length_cap": 1}
+    assert report["format_ok_rate"] == pytest.approx(2 / 6, abs=1e-4) and report["rows"] == 6
+    assert report["mean_reward"] == pytest.approx(sum(cosines) / 6, abs=1e-5)
+
+
+def test_llm_judge_on_reasoning_and_plain_variants(spark, home, tiny_dir, tmp_path):
+    judge_dir = make_bigram_lm(tmp_path / "judge", tiny_dir, JUDGE_TABLE, JUDGE_DEFAULT)
+    s = make_settings(home, "judge.reward=llm", f"models.judge={judge_dir}")
+    report = judge.run(spark, s, variant="rest_pg", iteration=1, run_id="pg")
+    judge.run(spark, s, variant="rest_em", iteration=1, run_id="em")
+    pg, em = judged(spark, s, "rest_pg"), judged(spark, s, "rest_em")
+    assert len(pg) == len(REASONING_ROWS) and set(pg.run_id) == {"pg"} and set(em.run_id) == {"em"}
+    ok = pg.format_ok
+    assert (pg.score[ok] == 10).all() and (pg.reward[ok] == 1.0).all()  # the judge's answer is "10"
+    assert pg.score[~ok].isna().all() and (pg.reward[~ok] == 0.0).all() and pg.criterion_logprobs[~ok].isna().all()
+    assert all(set(dict(lp)) == {"1", "3", "5", "7", "10"} for lp in pg.criterion_logprobs[ok])
+    assert set(pg.template_version) == {rewards.judge_template((1, 3, 5, 7, 10)).version}
+    assert set(pg.judge_model) == {str(judge_dir)}
+    # plain variants are always well-formed: the whole text is the response, an empty one gets 0
+    assert em.format_ok.all() and em.format_issue.isna().all()
+    assert em.reward.tolist() == [1.0, 0.0, 1.0] and em.score.isna().tolist() == [False, True, False]
+    assert report["format_ok_rate"] == pytest.approx(2 / 6, abs=1e-4) and report["reward_kind"] == "llm"
+
+
+def test_missing_trajectories_name_the_stage(spark, home):
+    with pytest.raises(LookupError, match="run `restpg sample` first"):
+        judge.run(spark, make_settings(home, "judge.reward=embedding"), variant="rest_pg", iteration=2, run_id="x")

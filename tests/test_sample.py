@@ -1,0 +1,147 @@
+"""E-step sampling on hand-built examples and the tiny model: samples belong to their policy, a
+crashed run resumes with only the missing keys, plain and reasoning variants have separate length
+caps, and every row carries its output parse."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pandas as pd
+import pytest
+
+from helpers import example_row, make_settings, make_tiny_lm, tiny_overrides, write_rows
+from restpg import catalog, generation, prompts, sample
+
+M = 3
+TRAIN = ["ex-1", "ex-2", "ex-3"]
+KEY = ["example_id", "sample_index"]
+
+
+@pytest.fixture(scope="module")
+def home(spark, tiny, tmp_path_factory):
+    """Three train examples (ex-3 without retrievals) and one test example; a run commits one chunk."""
+    s = make_settings(tmp_path_factory.mktemp("sample-home"), *tiny_overrides(tiny, m=M), f"sample.chunk_examples={len(TRAIN)}")
+    write_rows(spark, s, "examples", [example_row("ex-1", "u1"), example_row("ex-2", "u1", task="topic_writing"),
+                                      example_row("ex-3", "u2"), example_row("ex-9", "u2", split="test")])
+    write_rows(spark, s, "retrievals", [
+        {"example_id": e, "retriever": s.models.retriever, "k": 1,
+         "items": [{"rank": 1, "item_id": f"{e}-p0", "score": 0.9, "text": "u1 wrote review 0 about tea and kettles."}]}
+        for e in ("ex-1", "ex-2", "ex-9")])
+    return s
+
+
+@pytest.fixture(scope="module")
+def policy_b(tmp_path_factory) -> str:
+    """A second policy: same architecture and tokenizer, other weights."""
+    return str(make_tiny_lm(tmp_path_factory.mktemp("policy-b"), seed=1))
+
+
+@pytest.fixture(scope="module")
+def plain_by_a(spark, home, tiny):
+    """rest_em t=1 sampled by policy A: (report, rows)."""
+    report = sample.run(spark, home, variant="rest_em", iteration=1, policy=tiny, run_id="a")
+    return report, slice_rows(spark, home, "rest_em", 1)
+
+
+def slice_rows(spark, s, variant: str, iteration: int) -> pd.DataFrame:
+    rows = catalog.read_slice(spark, s, "trajectories", {"variant": variant, "iteration": iteration}).toPandas()
+    return rows.sort_values(KEY).reset_index(drop=True)
+
+
+def full_keys() -> list[tuple]:
+    return [(e, j) for e in TRAIN for j in range(M)]
+
+
+@pytest.mark.parametrize("variant, raw, finished, expected", [
+    ("rest_em", "  A fine kettle.  ", False, (None, "A fine kettle.", False, True, None)),
+    ("rest_em", f"r{prompts.SEPARATOR}y", True, (None, f"r{prompts.SEPARATOR}y".strip(), False, True, None)),
+    ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.", True, ("Likes tea.", "A fine kettle.", True, True, None)),
+    ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.", False, ("Likes tea.", "", True, False, prompts.LENGTH_CAP)),
+    ("rest_pg", "A fine kettle.", True, (None, "", False, False, prompts.NO_SEPARATOR)),
+    ("rest_pg", f"{prompts.SEPARATOR}A fine kettle.", True, ("", "", True, False, prompts.EMPTY_REASONING)),
+    ("rest_pg", f"Likes tea.{prompts.SEPARATOR}  ", True, ("Likes tea.", "", True, False, prompts.EMPTY_RESPONSE)),
+])
+def test_parse_frame_stores_the_output_parse(variant, raw, finished, expected):
+    got = sample.parse_frame(variant, pd.Series([raw]), pd.Series([finished])).iloc[0]
+    got = tuple(None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in got)
+    assert got == expected
+
+
+def test_with_parse_adds_typed_columns_in_spark(spark):
+    df = spark.createDataFrame([("a", f"Likes tea.{prompts.SEPARATOR}A kettle.", True), ("b", "no marker", True)],
+                               "example_id string, text string, finished boolean")
+    out = {r.example_id: r for r in sample.with_parse(df, "rest_pg").collect()}
+    assert (out["a"].reasoning, out["a"].response, out["a"].has_separator, out["a"].format_ok, out["a"].format_issue) == \
+        ("Likes tea.", "A kettle.", True, True, None)
+    assert (out["b"].response, out["b"].format_ok, out["b"].format_issue) == ("", False, prompts.NO_SEPARATOR)
+    assert dict(sample.with_parse(df, "rest_pg").dtypes)["format_ok"] == "boolean"
+
+
+def test_samples_belong_to_their_policy(spark, home, tiny, policy_b, plain_by_a):
+    first, a = plain_by_a
+    assert list(zip(a.example_id, a.sample_index)) == full_keys()  # train inputs only, with or without retrievals
+    assert set(a.policy_version) == {tiny} and first["sampled_examples"] == len(TRAIN)
+
+    second = sample.run(spark, home, variant="rest_em", iteration=1, policy=policy_b, run_id="b")
+    b = slice_rows(spark, home, "rest_em", 1)
+    assert list(zip(b.example_id, b.sample_index)) == full_keys()  # old rows replaced, no mixture, no duplicates
+    assert set(b.policy_version) == {policy_b} and set(b.run_id) == {"b"}
+    assert (a.seed == b.seed).all() and (a.raw_text != b.raw_text).all()  # same seeds, other weights
+    assert second["replaced_rows"] == len(a) and second["sampled_examples"] == len(TRAIN)
+
+    again = sample.run(spark, home, variant="rest_em", iteration=1, policy=policy_b, run_id="b-again")
+    assert again["sampled_examples"] == 0 and again["sampled_rows"] == 0 and again["replaced_rows"] == 0
+    pd.testing.assert_frame_equal(slice_rows(spark, home, "rest_em", 1), b)  # nothing re-sampled or rewritten
+
+
+def test_a_crashed_run_resumes_with_only_the_missing_samples(spark, home, tiny, monkeypatch, capsys):
+    home = dataclasses.replace(home, sample=dataclasses.replace(home.sample, chunk_examples=2))
+    slice_ = {"variant": "rest_em", "iteration": 2}
+    merge, calls = catalog.merge, []
+
+    def crash_after_first_chunk(*args, **kwargs):
+        calls.append(kwargs.get("slice_"))
+        if len(calls) > 1:
+            raise RuntimeError("worker lost")
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "merge", crash_after_first_chunk)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        sample.run(spark, home, variant="rest_em", iteration=2, policy=tiny, run_id="first")
+    monkeypatch.setattr(catalog, "merge", merge)
+    assert calls[0] == slice_  # the chunk commit is confined to its slice
+    assert re.search(rf"sample rest_em t=2 \[\d+ tokens/s\] rows: {2 * M}/{len(TRAIN) * M} .* eta \d+s", capsys.readouterr().err)
+    partial = slice_rows(spark, home, "rest_em", 2)
+    assert list(zip(partial.example_id, partial.sample_index)) == full_keys()[:2 * M]
+
+    lost = partial.iloc[[1]]  # one sample of a finished example goes missing too
+    kept = catalog.read_slice(spark, home, "trajectories", slice_).where("NOT (example_id = 'ex-1' AND sample_index = 1)")
+    catalog.replace_slice(spark, home, kept, "trajectories", slice_, "test")
+
+    report = sample.run(spark, home, variant="rest_em", iteration=2, policy=tiny, run_id="resume")
+    rows = slice_rows(spark, home, "rest_em", 2)
+    assert list(zip(rows.example_id, rows.sample_index)) == full_keys()
+    assert report["sampled_examples"] == 2 and report["replaced_rows"] == 0  # ex-1 (one sample short) and ex-3
+    resumed = rows.set_index(KEY)
+    assert resumed.loc[("ex-1", 1), "run_id"] == "resume" and resumed.loc[("ex-1", 1), "raw_text"] == lost.raw_text.item()
+    assert (resumed.loc[[k for k in full_keys()[:2 * M] if k != ("ex-1", 1)], "run_id"] == "first").all()
+    assert (resumed.loc["ex-3", "run_id"] == "resume").all()
+
+
+def test_plain_and_reasoning_variants_have_separate_caps_and_a_parse(spark, home, tiny, plain_by_a):
+    R, S = home.prompt.max_reasoning_tokens, home.prompt.max_response_tokens
+    reasoning_report = sample.run(spark, home, variant="rest_pg", iteration=1, policy=tiny, run_id="cap")
+    sampled = {"rest_em": (S, *plain_by_a), "rest_pg": (R + prompts.SEPARATOR_ALLOWANCE + S, reasoning_report,
+                                                       slice_rows(spark, home, "rest_pg", 1))}
+    for variant, (cap, report, rows) in sampled.items():
+        assert report["max_new_tokens"] == cap == generation.output_cap(home, variant)
+        assert rows.n_tokens.max() == cap and (rows[~rows.finished].n_tokens == cap).all()
+        assert report["rows"] == len(rows) == len(TRAIN) * M
+        issues = rows.format_issue.fillna("ok").value_counts().to_dict()
+        assert {k: v for k, v in report["format_issues"].items() if v} == {k: v for k, v in issues.items() if k != "ok"}
+        assert report["format_ok_rate"] == pytest.approx(rows.format_ok.mean(), abs=1e-4)
+    plain, reasoning = sampled["rest_em"][2], sampled["rest_pg"][2]
+    assert plain.format_ok.all() and (plain.response == plain.raw_text.str.strip()).all()
+    # a random model never writes the separator: no response to judge
+    assert (reasoning.format_issue == prompts.NO_SEPARATOR).all() and (reasoning.response == "").all()
+    assert not reasoning.has_separator.any() and reasoning.reasoning.isna().all()
