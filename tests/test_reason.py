@@ -1,8 +1,9 @@
-"""Reasoning synthesis with the real packaged teacher (SmolLM2-135M-Instruct) through Spark."""
+"""Reasoning synthesis for the run's training inputs, within the reasoning budget."""
 import pytest
 
-from restpg import catalog, demo_data, ingest, prompts, reason, retrieve, sft_data
-from restpg.config import load_settings
+from helpers import SMOLLM2, example_row, make_settings, write_rows
+from restpg import catalog, prompts, reason
+from restpg.policy_inputs import training_inputs
 
 
 @pytest.mark.parametrize("reasoning, target, n, expected", [
@@ -15,25 +16,49 @@ def test_copy_overlap(reasoning, target, n, expected):
     assert reason.copy_overlap(reasoning, target, n) == pytest.approx(expected)
 
 
-def test_teacher_writes_one_reasoning_per_training_example(spark, tmp_path):
-    s = load_settings("local", ["data.demo_users=1", "reason.max_new_tokens=16"], home=str(tmp_path / "home"))
-    path = demo_data.write(tmp_path / "demo.jsonl", users_per_task=1, profile_items=3, examples_per_user=3, seed=3)
-    ingest.run(spark, s, str(path))
-    retrieve.run(spark, s)
-    report = reason.run(spark, s, run_id="r1")
-    train = catalog.read(spark, s, "examples").where("split = 'train'").count()
-    rows = catalog.read(spark, s, "reasoning_paths").toPandas()
-    assert report["rows"] == train == len(rows) == 4
-    assert (rows["reasoning"].str.strip().str.len() > 0).all()
-    assert set(rows["template_version"]) == {prompts.template("teacher_reasoning").version}
-    assert set(rows["teacher"]) == {"packaged:smollm2-135m-instruct"}
-    assert rows["copy_overlap"].between(0, 1).all()
-    again = reason.run(spark, s, run_id="r2")
-    assert again["rows"] == 4 and catalog.read(spark, s, "reasoning_paths").count() == 4
+def _tables(spark, s, n_train: int):
+    rows = [example_row(f"e{i}", f"u{i % 2}", target=f"Kettle review {i}: boils fast.") for i in range(n_train)]
+    rows.append(example_row("v0", "u0", split="val"))
+    write_rows(spark, s, "examples", rows)
+    write_rows(spark, s, "retrievals", [{"example_id": r["example_id"], "retriever": s.models.retriever, "k": 1,
+                                         "items": [{"rank": 1, "item_id": "p", "score": 0.5, "text": r["profile"][0]["text"]}]}
+                                        for r in rows])
 
-    built = sft_data.run(spark, s, "sft_reasoning", run_id="b")
-    assert built["rows"] == 4
-    row = catalog.read(spark, s, "training_sets").where("variant = 'sft_reasoning'").first()
-    assert prompts.SEPARATOR.strip() in row.completion and row.weight == 1.0 and row.sample_index == -1
-    target = catalog.read(spark, s, "examples").where(f"example_id = '{row.example_id}'").first().target
-    assert row.completion.endswith(target.strip())
+
+def _paths(spark, s):
+    return catalog.read_slice(spark, s, "reasoning_paths", reason.path_slice(s)).toPandas().set_index("example_id")
+
+
+def test_teacher_writes_for_the_training_inputs_within_the_reasoning_budget(spark, tiny, tmp_path):
+    home = tmp_path / "home"
+    common = [f"models.teacher={tiny}", f"models.policy={tiny}", "prompt.max_input_tokens=200", "prompt.max_reasoning_tokens=5"]
+    s = make_settings(home, *common, "data.max_examples=3")
+    _tables(spark, s, 5)
+    report = reason.run(spark, s, run_id="r1")
+    wanted = sorted(r.example_id for r in training_inputs(spark, s).collect())
+    paths = _paths(spark, s)
+    assert wanted == ["e0", "e1", "e2"] and sorted(paths.index) == wanted  # data.max_examples caps the teacher's work
+    assert report["rows"] == report["inputs"] == report["generated"] == 3 and report["max_new_tokens"] == 5
+    assert paths["n_tokens"].max() == 5 and (paths["n_tokens"] <= 5).all()  # the cap is prompt.max_reasoning_tokens
+    assert set(paths["teacher"]) == {tiny} and set(paths["template_version"]) == {prompts.template("teacher_reasoning").version}
+    assert paths["copy_overlap"].between(0, 1).all() and set(paths["run_id"]) == {"r1"}
+
+    more = make_settings(home, *common, "data.max_examples=4")
+    resumed = reason.run(spark, more, run_id="r2", resume=True)  # only the missing input is generated
+    paths = _paths(spark, more)
+    assert resumed["generated"] == 1 and resumed["reused"] == 3 and resumed["rows"] == 4
+    assert paths["run_id"].to_dict() == {"e0": "r1", "e1": "r1", "e2": "r1", "e3": "r2"}
+
+    redone = reason.run(spark, s, run_id="r3")  # the default replaces the slice with this run's inputs
+    paths = _paths(spark, s)
+    assert redone["generated"] == 3 and sorted(paths.index) == ["e0", "e1", "e2"] and set(paths["run_id"]) == {"r3"}
+
+
+@pytest.mark.slow
+def test_packaged_teacher_writes_reasoning(spark, tmp_path):
+    s = make_settings(tmp_path / "home", f"models.teacher={SMOLLM2}", "prompt.max_reasoning_tokens=16")
+    _tables(spark, s, 2)
+    report = reason.run(spark, s, run_id="r1")
+    paths = _paths(spark, s)
+    assert report["rows"] == 2 and report["empty"] == 0 and (paths["reasoning"].str.strip().str.len() > 0).all()
+    assert (paths["n_tokens"] <= 16).all() and set(paths["teacher"]) == {SMOLLM2}

@@ -1,8 +1,11 @@
+"""Retrieval as LongLaMP defines it: each example's own profile, never its expected output."""
 import json
 
 import numpy as np
+import pytest
 
-from restpg import ingest, retrieve, tasks
+from helpers import example_row, make_settings, write_rows
+from restpg import catalog, ingest, retrieve, tasks
 
 
 def test_top_k_orders_by_score_and_handles_empty():
@@ -11,35 +14,95 @@ def test_top_k_orders_by_score_and_handles_empty():
     got = retrieve.top_k(q, vecs, ["a", "b", "c"], ["A", "B", "C"], k=2)
     assert [g["item_id"] for g in got] == ["b", "c"] and [g["rank"] for g in got] == [1, 2]
     assert retrieve.top_k(q, np.zeros((0, 2)), [], [], k=5) == []
+    tied = retrieve.top_k(q, np.array([[0.5, 0.0], [0.5, 0.0]]), ["z", "a"], ["Z", "A"], k=2)
+    assert [g["item_id"] for g in tied] == ["a", "z"]  # equal scores: item_id decides, so reruns agree
+
+
+@pytest.mark.parametrize("text, values, target, leaks", [
+    ("Great kettle.", [], "Great kettle.", True),
+    ("  Great \n kettle.\t", [], "Great kettle.", True),                       # whitespace does not hide a copy
+    ("summary: Nice\nreviewText: Great kettle.", ["5", "Nice", "Great  kettle."], "Great kettle.", True),  # a field is y
+    ("Great kettle, boils fast.", ["Great kettle, boils fast."], "Great kettle.", False),  # containing y is not being y
+    ("great kettle.", [], "Great kettle.", False),                              # only whitespace is normalised
+    ("", [], "", False),
+])
+def test_leaks_target(text, values, target, leaks):
+    assert retrieve.leaks_target(text, values, target) is leaks
+
+
+def _items(spark, s) -> dict:
+    return {r.example_id: r for r in catalog.read(spark, s, "retrievals").collect()}
+
+
+def test_each_example_sees_only_its_own_profile_and_never_its_target(spark, tmp_path):
+    s = make_settings(tmp_path / "home", "retrieve.k=2")
+    kettle = "Great kettle, boils water fast and looks good."
+    rows = [
+        # one user, two examples with different profiles: neither may see the other's items
+        example_row("e1", "u1", input="Write about tea kettles.", profile=[
+            {"item_id": "a1", "text": "A kettle that boils water fast."}, {"item_id": "a2", "text": "Tea leaves from Assam."},
+            {"item_id": "a3", "text": "A broken phone charger."}]),
+        example_row("e2", "u1", split="val", input="Write about tea kettles.", profile=[
+            {"item_id": "b1", "text": "Kettle for tea, boils quickly."}, {"item_id": "b2", "text": "Running shoes."}]),
+        # the input matches the expected output word for word, and the profile holds it (with other spacing)
+        example_row("e3", "u2", input=kettle, target=kettle, profile=[
+            {"item_id": "c1", "text": "Great  kettle, boils water fast\nand looks good. "}, {"item_id": "c2", "text": "A kettle review."},
+            {"item_id": "c3", "text": "Garden hose."}, {"item_id": "c4", "text": "Kettle boils water fast."}]),
+        # the same item (id and text) in two examples of a user is embedded once
+        example_row("e4", "u2", split="test", input="Write about garden hoses.", profile=[
+            {"item_id": "c3", "text": "Garden hose."}, {"item_id": "c5", "text": "A hose that never kinks."}]),
+        example_row("e5", "u3", profile=[]),
+    ]
+    write_rows(spark, s, "examples", rows)
+    report = retrieve.run(spark, s, run_id="t")
+    assert report["examples"] == 5 and report["k"] == 2 and report["cold_start"] == 1
+    assert report["items_embedded"] == 10  # 3 + 2 + 4 + 1 new (c3 shared by e3 and e4)
+    assert report["examples_with_target_in_profile"] == 1
+    got = _items(spark, s)
+    own = {r["example_id"]: {it["item_id"] for it in r["profile"]} for r in rows}
+    for eid, row in got.items():
+        ids = [it["item_id"] for it in row["items"]]
+        assert set(ids) <= own[eid], (eid, ids)
+        assert [it["rank"] for it in row["items"]] == list(range(1, len(ids) + 1))
+        scores = [it["score"] for it in row["items"]]
+        assert scores == sorted(scores, reverse=True)
+        assert len(ids) == min(2, len(own[eid]) - row["excluded"])
+    assert [it["item_id"] for it in got["e1"]["items"]] == ["a1", "a2"]
+    assert [it["item_id"] for it in got["e2"]["items"]] == ["b1", "b2"]
+    assert "c1" not in {it["item_id"] for it in got["e3"]["items"]} and got["e3"]["excluded"] == 1
+    assert [it["item_id"] for it in got["e3"]["items"]][0] == "c4"
+    assert got["e5"]["items"] == []
+
+    retrieve.run(spark, s, run_id="t2")
+    again = _items(spark, s)
+    assert len(again) == 5 and all(again[e]["items"] == got[e]["items"] for e in got)  # deterministic, no duplicates
 
 
 def test_retrieval_on_amazon_sample(spark, fresh_settings, amazon_path, tmp_path):
-    # 60 real users, one of whom asks for exactly an item of their own profile, and one cold-start user
-    lines = amazon_path.read_text().splitlines()[:60]
-    recs = [json.loads(x) for x in lines]
-    copied = tasks.item_text(tasks.TASKS["product_review"], recs[0]["profile"][2])
-    copier = dict(recs[0], reviewerId="copier", input=copied)
+    # 40 real users; one whose review is a copy of a profile item's reviewText; one cold-start user
+    recs = [json.loads(x) for x in amazon_path.read_text().splitlines()[:40]]
+    spec = tasks.TASKS["product_review"]
+    copier = dict(recs[0], reviewerId="copier", output=recs[0]["profile"][2]["reviewText"],
+                  input=tasks.item_text(spec, recs[0]["profile"][2]))  # the input asks for that very item
+    asker = dict(recs[0], reviewerId="asker", input=tasks.item_text(spec, recs[0]["profile"][2]))
     cold = dict(recs[1], reviewerId="cold", profile=[])
     path = tmp_path / "sample.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in recs + [copier, cold]) + "\n")
+    path.write_text("\n".join(json.dumps(r) for r in recs + [copier, asker, cold]) + "\n")
     s = fresh_settings
-    ingest.run(spark, s, str(path), task="product_review", split="train")
+    ingest.run(spark, s, source=str(path), task="product_review", split="train", run_id="ingest")
     report = retrieve.run(spark, s, run_id="t")
-    assert report["examples"] == 62 and report["cold_start"] == 1 and report["k"] == s.retrieve.k
+    assert report["examples"] == 43 and report["cold_start"] == 1 and report["k"] == s.retrieve.k
 
     rows = spark.sql("""
-        SELECT r.example_id, r.user_id, r.items, size(e.profile) AS n_profile
+        SELECT r.example_id, r.user_id, r.items, r.excluded, e.target, transform(e.profile, p -> p.text) AS profile
         FROM restpg.retrievals r JOIN restpg.examples e USING (example_id)""").collect()
     for row in rows:
-        assert len(row["items"]) == min(s.retrieve.k, row["n_profile"])
-        scores = [it["score"] for it in row["items"]]
-        assert scores == sorted(scores, reverse=True)
-        assert [it["rank"] for it in row["items"]] == list(range(1, len(scores) + 1))
+        assert {it["text"] for it in row["items"]} <= set(row["profile"])
+        assert len(row["items"]) == min(s.retrieve.k, len(row["profile"]) - row["excluded"])
+        assert all(retrieve.normalize(it["text"]) != retrieve.normalize(row["target"]) for it in row["items"])
     by_user = {r.user_id: r for r in rows}
     assert by_user["cold"]["items"] == []
-    first = by_user["copier"]["items"][0]
-    assert first["text"] == copied and first["score"] > 0.99
-    assert by_user["copier"]["items"][1]["score"] < first["score"]
-
-    again = retrieve.run(spark, s, run_id="t2")
-    assert again["examples"] == 62  # re-run replaces its slice, never duplicates
+    wanted = tasks.item_text(spec, {k: str(v) for k, v in recs[0]["profile"][2].items()})
+    assert by_user["asker"]["items"][0]["text"] == wanted and by_user["asker"]["items"][0]["score"] > 0.99
+    assert by_user["copier"]["excluded"] == 1 and wanted not in {it["text"] for it in by_user["copier"]["items"]}
+    assert len(by_user["copier"]["items"]) == len(recs[0]["profile"]) - 1

@@ -1,5 +1,11 @@
 """Reasoning synthesis (paper Sec. 3.1, Fig. 7): the teacher explains, from the retrieved profile,
-how this user's preferences and style lead to the expected output → `reasoning_paths`."""
+how this user's preferences and style lead to the expected output → `reasoning_paths`.
+
+Written for the run's training inputs (`policy_inputs.training_inputs`, so `data.max_examples`
+caps the teacher's work too), at most `prompt.max_reasoning_tokens` tokens each: the same budget the
+policy gets for its reasoning. A path that copies the expected output is flagged, not dropped here;
+`sft_data` leaves flagged and empty paths out of the training data.
+"""
 from __future__ import annotations
 
 import re
@@ -9,7 +15,8 @@ import pandas as pd
 
 from restpg import catalog, prompts
 from restpg.config import Settings
-from restpg.policy_inputs import with_retrievals
+from restpg.policy_inputs import training_inputs, with_retrievals
+from restpg.tracking import say
 
 _WORD = re.compile(r"\w+")
 
@@ -44,31 +51,59 @@ def teacher_inputs(spark, settings: Settings, examples):
             .select("example_id", F.struct("head", "items", "tail").alias("prompt")))
 
 
-def run(spark, settings: Settings, run_id: str = "manual") -> dict:
+def path_slice(settings: Settings) -> dict:
+    """The (teacher, template_version) slice of `reasoning_paths` the configured teacher writes."""
+    from restpg import models
+
+    return {"teacher": models.resolve_ref(settings.models.teacher, settings),
+            "template_version": prompts.template("teacher_reasoning").version}
+
+
+def run(spark, settings: Settings, *, run_id: str, resume: bool = False) -> dict:
+    """Teacher reasoning for every training input. By default the slice is replaced (a rerun after a
+    config change regenerates everything); `resume` keeps the slice's finished paths and writes only
+    the missing ones (insert-only MERGE), so an interrupted run does not pay for them twice."""
     from pyspark.sql import functions as F
 
-    from restpg import generation, models
+    from restpg import generation
 
-    cfg, teacher = settings.reason, models.resolve_ref(settings.models.teacher, settings)
-    version = prompts.template("teacher_reasoning").version
-    examples = catalog.read(spark, settings, "examples").where(F.col("split") == "train")
+    cfg, slice_ = settings.reason, path_slice(settings)
+    examples = training_inputs(spark, settings).cache()
+    todo = examples
+    if resume and catalog.exists(spark, settings, "reasoning_paths"):
+        done = catalog.read_slice(spark, settings, "reasoning_paths", slice_).select("example_id")
+        todo = examples.join(done, "example_id", "left_anti")
     samples = generation.generate_df(
-        teacher_inputs(spark, settings, examples), teacher, settings, m=1, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, iteration=0, seed=settings.sample.seed, chat=True)
+        teacher_inputs(spark, settings, todo), slice_["teacher"], settings, m=1, temperature=cfg.temperature,
+        top_p=cfg.top_p, max_new_tokens=settings.prompt.max_reasoning_tokens, iteration=0, seed=settings.sample.seed,
+        chat=True)
     n, threshold = cfg.copy_ngram, cfg.copy_threshold
     overlap = F.udf(lambda r, t: copy_overlap(r or "", t or "", n), "double")
-    out = (samples.join(examples.select("example_id", "task", "target"), "example_id")
-           .select("example_id", "task", F.lit(teacher).alias("teacher"), F.lit(version).alias("template_version"),
+    out = (samples.join(todo.select("example_id", "task", "target"), "example_id")
+           .select("example_id", "task", F.lit(slice_["teacher"]).alias("teacher"),
+                   F.lit(slice_["template_version"]).alias("template_version"),
                    F.trim("text").alias("reasoning"), overlap(F.col("text"), F.col("target")).alias("copy_overlap"),
-                   F.col("prompt_truncated"))
+                   "prompt_truncated", "n_tokens", "finished")
            .withColumn("copied", F.col("copy_overlap") > threshold)
            .withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
-    written = catalog.replace_slice(spark, settings, out, "reasoning_paths",
-                                    {"teacher": teacher, "template_version": version}, run_id)
-    stats = (catalog.read(spark, settings, "reasoning_paths")
-             .where((F.col("teacher") == teacher) & (F.col("template_version") == version))
-             .agg(F.count("*").alias("rows"), F.sum(F.col("copied").cast("int")).alias("copied"),
-                  F.sum(F.col("prompt_truncated").cast("int")).alias("prompts_truncated"),
-                  F.sum(F.when(F.length("reasoning") == 0, 1).otherwise(0)).alias("empty"),
-                  F.avg("copy_overlap").alias("mean_copy_overlap")).first().asDict())
-    return {"version": written, "teacher": teacher, "template_version": version, **stats}
+    if resume:
+        written = catalog.merge(spark, settings, out, "reasoning_paths", run_id, slice_=slice_)
+    else:
+        written = catalog.replace_slice(spark, settings, out, "reasoning_paths", slice_, run_id)
+    mine = (catalog.read_slice(spark, settings, "reasoning_paths", slice_)
+            .join(examples.select("example_id"), "example_id"))
+    stats = mine.agg(
+        F.count("*").alias("rows"), F.sum(F.col("copied").cast("int")).alias("copied"),
+        F.sum(F.when(F.length(F.trim("reasoning")) == 0, 1).otherwise(0)).alias("empty"),
+        F.sum(F.col("prompt_truncated").cast("int")).alias("prompts_truncated"),
+        F.sum((~F.col("finished")).cast("int")).alias("at_length_cap"),
+        F.sum(F.when(F.col("run_id") == run_id, 1).otherwise(0)).alias("generated"),
+        F.avg("copy_overlap").alias("mean_copy_overlap")).first().asDict()
+    inputs = examples.count()
+    examples.unpersist()
+    stats = {k: (v if v is not None else 0) for k, v in stats.items()}
+    if stats["copied"] or stats["empty"]:
+        say(f"reason: {stats['copied']} copied and {stats['empty']} empty reasoning paths of {stats['rows']}; "
+            "sft_data leaves them out")
+    return {"version": written, **slice_, "inputs": inputs, "max_new_tokens": settings.prompt.max_reasoning_tokens,
+            "reused": stats["rows"] - stats["generated"], **stats}

@@ -1,41 +1,146 @@
-"""Iteration-0 training sets: `sft` (prompt → y) and `sft_reasoning` (prompt → reasoning + separator + y)."""
+"""Iteration-0 training sets: `sft` (prompt → y) and `sft_reasoning` (prompt → reasoning + separator + y).
+
+Both variants start from the same inputs (`policy_inputs.training_inputs`) and drop the same
+examples for a target that does not fit `prompt.max_response_tokens` in the policy's tokenizer, so
+they compare like with like and no training target is silently cut. `sft_reasoning` also leaves out
+examples whose reasoning path is missing, empty, flagged as copying y, or longer than
+`prompt.max_reasoning_tokens`; every example left out is counted under one reason.
+"""
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Iterator
+
+import pandas as pd
+
 from restpg import catalog, prompts
+from restpg import variants as V
 from restpg.config import Settings
-from restpg.policy_inputs import policy_prompts
+from restpg.policy_inputs import policy_prompts, training_inputs
+from restpg.tracking import say
+
+TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG = (
+    "target_too_long", "no_reasoning_path", "empty", "copied", "reasoning_too_long")
+REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG)  # first that applies is counted
 
 
-def run(spark, settings: Settings, variant: str, run_id: str = "manual") -> dict:
+def fits(n_tokens: int, budget: int) -> bool:
+    """A completion of `n_tokens` fits `budget` with room for the end-of-sequence token the policy
+    learns to stop with (training keeps budget - 1 completion tokens, then EOS)."""
+    return n_tokens + 1 <= budget
+
+
+def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, empty: bool = False,
+              copied: bool = False, reasoning_fits: bool = True) -> str | None:
+    """Why an example is not training data for a variant (None: it is), first reason in REASONS order."""
+    if not target_fits:
+        return TARGET_TOO_LONG
+    if not uses_reasoning:
+        return None
+    if not has_path:
+        return NO_REASONING_PATH
+    if empty:
+        return EMPTY
+    if copied:
+        return COPIED
+    if not reasoning_fits:
+        return REASONING_TOO_LONG
+    return None
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(ref: str, env_items: tuple):
+    from restpg import models
+
+    return models.load_tokenizer(ref, models.worker_settings(dict(env_items)))
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _decider(policy: str, env: dict, max_reasoning: int, max_response: int):
+    """mapInPandas: each input's leave-out reason for a plain and for a reasoning variant."""
+    reasoning_budget = prompts.output_budget("sft_reasoning", max_reasoning, max_response)
+
+    def decide(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        tokenizer = _tokenizer(policy, tuple(sorted(env.items())))
+        for pdf in batches:
+            plain, reasoned = [], []
+            for r in pdf.itertuples():
+                target_fits = fits(_n_tokens(tokenizer, r.target), max_response)
+                has_path = isinstance(r.reasoning, str)
+                reasoning = (r.reasoning or "").strip() if has_path else ""
+                reasoning_fits = has_path and _n_tokens(tokenizer, reasoning) <= max_reasoning and fits(
+                    _n_tokens(tokenizer, prompts.join_reasoning(reasoning, r.target)), reasoning_budget)
+                plain.append(leave_out(False, target_fits))
+                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits))
+            yield pd.DataFrame({"example_id": pdf["example_id"], "plain_reason": plain, "reasoning_reason": reasoned})
+    return decide
+
+
+def _decisions(spark, settings: Settings, inputs, with_reasoning: bool):
+    """inputs + reasoning (null without a path) + plain_reason / reasoning_reason, materialised once."""
     from pyspark.sql import functions as F
 
-    if variant not in ("sft", "sft_reasoning"):
-        raise ValueError(f"iteration-0 data exists for sft and sft_reasoning, not {variant!r}")
-    examples = catalog.read(spark, settings, "examples").where(F.col("split") == "train")
-    if settings.data.max_examples:
-        examples = examples.orderBy("example_id").limit(settings.data.max_examples)
-    rows = policy_prompts(spark, settings, examples, variant).join(examples.select("example_id", "task", "target"), "example_id")
-    if variant == "sft_reasoning":
-        from restpg import models
+    from restpg import models, reason
 
-        teacher = models.resolve_ref(settings.models.teacher, settings)
-        paths = (catalog.read(spark, settings, "reasoning_paths")
-                 .where((F.col("teacher") == teacher) & (F.col("template_version") == prompts.template("teacher_reasoning").version))
-                 .select("example_id", "reasoning"))
-        rows = rows.join(paths, "example_id")  # an example without a reasoning path cannot train this variant
-        join = F.udf(prompts.join_reasoning, "string")
-        rows = rows.withColumn("completion", join("reasoning", "target"))
+    if with_reasoning:
+        paths = catalog.read_slice(spark, settings, "reasoning_paths", reason.path_slice(settings)).select("example_id", "reasoning", "copied")
+        rows = inputs.join(paths, "example_id", "left")
     else:
-        rows = rows.withColumn("completion", F.col("target"))
-    out = rows.select(
-        F.lit(variant).alias("variant"), F.lit(0).alias("iteration"), "example_id", F.lit(-1).alias("sample_index"),
-        "task", "prompt", "completion", F.lit(1.0).alias("weight"), F.lit("gold").alias("source"),
-        "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
-    version = catalog.replace_slice(spark, settings, out, "training_sets", {"variant": variant, "iteration": 0}, run_id)
-    n = catalog.read(spark, settings, "training_sets").where(f"variant = '{variant}' AND iteration = 0").count()
-    expected = examples.count()
-    if n < expected:
-        from restpg.tracking import say
+        rows = inputs.withColumn("reasoning", F.lit(None).cast("string")).withColumn("copied", F.lit(None).cast("boolean"))
+    policy = models.resolve_ref(settings.models.policy, settings)
+    models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
+    decide = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
+    reasons = rows.select("example_id", "target", "reasoning", "copied").mapInPandas(
+        decide, "example_id string, plain_reason string, reasoning_reason string")
+    spark.sparkContext.setJobDescription("sft_data: fit targets and reasoning to the policy's budgets")
+    return rows.join(reasons, "example_id").localCheckpoint()
 
-        say(f"build-sft {variant}: {expected - n} training examples have no reasoning path and are left out")
-    return {"version": version, "variant": variant, "rows": n, "train_examples": expected}
+
+def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = None) -> dict:
+    from pyspark.sql import functions as F
+
+    names = V.check(variants or V.SFT_NAMES)
+    em = [n for n in names if V.is_em(n)]
+    if em:
+        raise ValueError(f"iteration-0 data exists for SFT variants ({', '.join(V.SFT_NAMES)}), not {', '.join(em)}")
+    inputs = training_inputs(spark, settings).select("example_id", "task", "input", "target")
+    decided = _decisions(spark, settings, inputs, any(V.uses_reasoning(n) for n in names))
+    n_inputs = decided.count()
+    result = {"inputs": n_inputs, "rows": 0, "variants": {}}
+    for name in names:
+        reasoning = V.uses_reasoning(name)
+        reason_col = "reasoning_reason" if reasoning else "plain_reason"
+        kept = decided.where(F.col(reason_col).isNull())
+        rows = policy_prompts(spark, settings, kept.select("example_id", "task", "input"), name).join(
+            kept.select("example_id", "task", "target", "reasoning"), "example_id")
+        completion = F.udf(lambda r, t: prompts.join_reasoning(r, t), "string")("reasoning", "target") if reasoning else F.col("target")
+        out = rows.select(
+            F.lit(name).alias("variant"), F.lit(0).alias("iteration"), "example_id", F.lit(-1).alias("sample_index"),
+            "task", "prompt", completion.alias("completion"), F.lit(1.0).alias("weight"), F.lit("gold").alias("source"),
+            "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
+        slice_ = {"variant": name, "iteration": 0}
+        version = catalog.replace_slice(spark, settings, out, "training_sets", slice_, run_id)
+        n = catalog.read_slice(spark, settings, "training_sets", slice_).count()
+        counted = {r[0]: r[1] for r in decided.where(F.col(reason_col).isNotNull()).groupBy(reason_col).count().collect()}
+        left_out = {k: int(counted.get(k, 0)) for k in (REASONS if reasoning else (TARGET_TOO_LONG,))}
+        if any(left_out.values()):
+            say(f"sft_data {name}: {n} of {n_inputs} training inputs kept; left out {left_out}")
+        result["variants"][name] = {"version": version, "rows": n, "left_out": left_out}
+        result["rows"] += n
+    _log_metrics(result)
+    return result
+
+
+def _log_metrics(result: dict) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    metrics = {"sft_data.inputs": result["inputs"]}
+    for name, r in result["variants"].items():
+        metrics[f"sft_data.{name}.rows"] = r["rows"]
+        metrics.update({f"sft_data.{name}.left_out.{k}": v for k, v in r["left_out"].items()})
+    mlflow.log_metrics(metrics)
