@@ -70,11 +70,17 @@ ORDER BY score_bucket, variant
 
 -- COMMAND ----------
 
--- Generated length per variant and task, and how often the output had no reasoning part
+-- Output format per variant and task: how often the output follows its variant's format (reasoning,
+-- separator, response, stopped before the cap); a failed output is scored as an empty response
 SELECT variant, task, count(*) AS outputs,
-       avg(length(response)) AS mean_response_chars,
-       avg(coalesce(length(reasoning), 0)) AS mean_reasoning_chars,
-       avg(CASE WHEN reasoning IS NULL OR reasoning = '' THEN 1 ELSE 0 END) AS no_reasoning_rate
+       round(avg(CASE WHEN format_ok THEN 1 ELSE 0 END), 4) AS format_ok_rate,
+       sum(CASE WHEN format_issue = 'no_separator' THEN 1 ELSE 0 END) AS no_separator,
+       sum(CASE WHEN format_issue = 'empty_reasoning' THEN 1 ELSE 0 END) AS empty_reasoning,
+       sum(CASE WHEN format_issue = 'empty_response' THEN 1 ELSE 0 END) AS empty_response,
+       sum(CASE WHEN format_issue = 'length_cap' THEN 1 ELSE 0 END) AS length_cap,
+       round(avg(n_tokens), 1) AS mean_generated_tokens,
+       round(avg(CASE WHEN format_ok AND reasoning IS NOT NULL THEN size(filter(split(reasoning, '\\s+'), w -> w != '')) END), 1) AS mean_reasoning_words,
+       round(avg(CASE WHEN format_ok THEN size(filter(split(response, '\\s+'), w -> w != '')) END), 1) AS mean_response_words
 FROM restpg.eval_predictions
 WHERE ablation = ''
 GROUP BY ALL
@@ -92,9 +98,11 @@ ORDER BY ablation, variant
 
 -- COMMAND ----------
 
--- Promotion decisions, newest first
-SELECT created_at, model_name, candidate_version, champion_version, decision, split,
-       round(candidate_score, 4) AS candidate_score, round(champion_score, 4) AS champion_score,
-       p_value, dry_run, run_id
+-- Promotion decisions, newest first: the candidate against the champion and the run's best baseline
+-- on the validation split (rejected = below a baseline, no alias moved)
+SELECT created_at, model_name, candidate_version, candidate_variant, champion_version, decision, split,
+       round(candidate_score, 4) AS candidate_score, round(champion_score, 4) AS champion_score, p_value, n_paired,
+       baseline_variant, baseline_version, round(baseline_score, 4) AS baseline_score, baseline_p_value,
+       reason, dry_run, run_id
 FROM restpg.promotions
 ORDER BY created_at DESC

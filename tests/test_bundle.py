@@ -2,11 +2,13 @@
 PyYAML, `${var.X}` is replaced by the target's variable values, every job must load as a
 `databricks.bundles.jobs.Job`, and every task must be runnable: its entry point exists, its
 sub-command parses its parameters, its profile overrides are known settings, and it runs on the
-compute it needs. No Spark, no network."""
+compute it needs, and every task value a task reads is one its upstream stage publishes. No Spark,
+no network."""
 from __future__ import annotations
 
 import copy
 import graphlib
+import importlib
 import json
 import re
 from pathlib import Path
@@ -21,7 +23,11 @@ EM_VARIANTS = ["rest_em", "rest_pg"]
 SFT_VARIANTS = ["sft", "sft_reasoning"]
 ITERATIONS = (1, 2, 3)
 # Entry points that load a model (retriever, teacher, policy, judge) or train one.
-GPU_STAGES = {"retrieve", "synthesize_reasoning", "validate_reward", "train", "sample", "judge", "evaluate", "pipeline"}
+# promote generates and judges too: it scores candidate, champion and baselines on the validation split.
+GPU_STAGES = {"retrieve", "reason", "validate_reward", "train", "sample", "judge", "evaluate", "promote", "pipeline"}
+STAGE_NAMES = {"ingest", "retrieve", "validate_reward", "reason", "sft_data", "train", "sample", "judge", "filtering",
+               "evaluate", "promote", "pipeline"}
+RETIRED = {"synthesize_reasoning", "build_sft", "filter"}  # old stage names that must not come back
 # Bundle substitutions other than variables, with a stand-in value.
 OTHER_REFS = {"bundle.name": "restpg", "bundle.target": "dev", "workspace.current_user.userName": "someone@example.com"}
 VAR_REF = re.compile(r"\$\{([\w.-]+)\}")
@@ -115,8 +121,32 @@ def _cluster(job: dict, task: dict) -> dict:
     return clusters[task["job_cluster_key"]]
 
 
+def _published_by(stage: str) -> tuple:
+    """Task values the stage module declares it publishes (`PUBLISHES`, the constants its run() passes
+    to tracking.publish_task_value; tests/test_evaluate.py checks the declaration against a real run)."""
+    return tuple(getattr(importlib.import_module(f"restpg.{stage}"), "PUBLISHES", ()))
+
+
+def _stage_of(job: dict, task_key: str) -> str:
+    """The stage a top-level task runs (its own entry point, or its for_each task's)."""
+    [task] = [t for t in job["tasks"] if t["task_key"] == task_key]
+    return _entry_point(task["for_each_task"]["task"] if "for_each_task" in task else task).stem
+
+
+def _task_value_stand_in(stage: str, key: str) -> str:
+    """What the stage really publishes under `key`, from its own publishing code where we can run it
+    without Spark (evaluate: the version number of the candidate's registered model)."""
+    if (stage, key) == ("evaluate", "candidate_version"):
+        from restpg import evaluate, tracking
+
+        evaluate.publish_candidate({"sft": "models:/main.restpg.policy/3", "rest_pg": "models:/main.restpg.policy/7"})
+        return str(tracking.published[key])
+    return "1"
+
+
 def _resolve_dynamic(job: dict, task: dict, parent: dict | None, arg: str) -> str:
-    """Stand-ins for the job's dynamic value references; each must point at something that exists."""
+    """Stand-ins for the job's dynamic value references; each must point at something that exists:
+    a declared job parameter, or a task value an upstream task's stage publishes."""
     def one(m: re.Match) -> str:
         ref = m.group(1)
         if ref == "input":
@@ -128,18 +158,21 @@ def _resolve_dynamic(job: dict, task: dict, parent: dict | None, arg: str) -> st
             assert name in params, f"{task['task_key']}: job parameter {name!r} is not declared"
             return str(params[name])
         if ref.startswith("tasks."):
-            _, upstream, kind, _key = ref.split(".", 3)
+            _, upstream, kind, key = ref.split(".", 3)
             own_key = (parent or task)["task_key"]
             assert kind == "values" and upstream in _ancestors(job)[own_key], \
                 f"{own_key}: {ref} must name a task value of an upstream task"
-            return "1"
+            stage = _stage_of(job, upstream)
+            assert key in _published_by(stage), \
+                f"{own_key}: reads task value {key!r} of {upstream}, but restpg.{stage} publishes only {_published_by(stage)}"
+            return _task_value_stand_in(stage, key)
         raise AssertionError(f"{task['task_key']}: unexpected dynamic value reference {{{{{ref}}}}}")
     return DYNAMIC_REF.sub(one, arg)
 
 
 def _subcommand(entry_point: Path) -> str:
-    m = re.search(r'main\(\[\s*"([\w-]+)"\s*,\s*\*sys\.argv\[1:\]\s*\]\)', entry_point.read_text())
-    assert m, f"{entry_point.name} must call restpg.cli.main([\"<sub-command>\", *sys.argv[1:]])"
+    m = re.search(r'\bentry\(\s*"([\w-]+)"\s*\)', entry_point.read_text())
+    assert m, f"{entry_point.name} must call restpg.cli.entry(\"<stage>\")"
     return m.group(1)
 
 
@@ -235,11 +268,13 @@ def test_task_compute(entry):
 
 @pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
 def test_task_parameters_parse_with_the_restpg_cli(entry, tmp_path):
-    from restpg.cli import build_parser
+    from restpg.cli import STAGES, build_parser
     from restpg.config import load_settings
 
     _, job, task, parent = entry
     command = _subcommand(_entry_point(task))
+    assert command == _entry_point(task).stem and command in STAGES, \
+        f"{task['task_key']}: jobs/{_entry_point(task).name} must run the stage of its own name"
     argv = [command] + [_resolve_dynamic(job, task, parent, str(a)) for a in task["spark_python_task"]["parameters"]]
     try:
         args = build_parser().parse_args(argv)
@@ -250,19 +285,80 @@ def test_task_parameters_parse_with_the_restpg_cli(entry, tmp_path):
     assert settings.catalog.catalog == "main" and settings.mlflow.policy_model_name == "main.restpg.policy"
 
 
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_task_keys_are_stage_names(name):
+    """A task key is its stage's name (suffixed _<iteration> for per-iteration stages); a for_each's
+    nested task is `<key>_variant`; the retired stage names appear nowhere."""
+    for task in JOBS[name]["tasks"]:
+        key = task["task_key"]
+        runs = task["for_each_task"]["task"] if "for_each_task" in task else task
+        stage = _entry_point(runs).stem
+        assert stage in STAGE_NAMES, f"{name}.{key}: runs jobs/{stage}.py, not a stage"
+        assert re.fullmatch(rf"{stage}(_\d+)?", key), f"{name}: task {key!r} runs stage {stage!r}: name it after the stage"
+        if runs is not task:
+            assert runs["task_key"] == f"{key}_variant", f"{name}.{key}: nested task {runs['task_key']!r}"
+    keys = {t["task_key"] for t, _ in _all_tasks(JOBS[name])}
+    assert not {k for k in keys if re.sub(r"_(\d+|variant)", "", k) in RETIRED}, f"{name}: retired stage names in {sorted(keys)}"
+    assert not {p.stem for p in JOBS_DIR.glob("*.py")} & RETIRED, "retired entry points in jobs/"
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_declared_job_parameters_are_used(name):
+    job = JOBS[name]
+    used = {m.group(1)[len("job.parameters."):] for t, _ in _all_tasks(job) if "spark_python_task" in t
+            for a in t["spark_python_task"]["parameters"] for m in DYNAMIC_REF.finditer(str(a))
+            if m.group(1).startswith("job.parameters.")}
+    declared = {p["name"] for p in job.get("parameters", [])}
+    assert declared == used, f"{name}: declared {sorted(declared)}, used {sorted(used)}"
+
+
+def _job_reading(ref: str) -> dict:
+    """A two-task job: evaluate, then promote reading `ref`."""
+    evaluate = {"task_key": "evaluate", "spark_python_task": {"python_file": "../jobs/evaluate.py", "parameters": []}}
+    promote = {"task_key": "promote", "depends_on": [{"task_key": "evaluate"}],
+               "spark_python_task": {"python_file": "../jobs/promote.py", "parameters": ["--candidate", ref]}}
+    return {"tasks": [evaluate, promote]}
+
+
+@pytest.mark.parametrize("ref, error", [
+    ("{{tasks.evaluate.values.candidate_version}}", None),
+    ("{{tasks.evaluate.values.champion_version}}", "publishes only"),   # nothing publishes it
+    ("{{tasks.promote.values.candidate_version}}", "upstream"),         # not an upstream task
+    ("{{job.parameters.candidate}}", "not declared"),
+])
+def test_task_value_references_must_be_published(ref, error):
+    job = _job_reading(ref)
+    if error is None:
+        assert _resolve_dynamic(job, job["tasks"][1], None, ref) == "7"  # what evaluate publishes: rest_pg's version
+    else:
+        with pytest.raises(AssertionError, match=error):
+            _resolve_dynamic(job, job["tasks"][1], None, ref)
+
+
+def test_promote_reads_the_candidate_evaluate_publishes():
+    tasks = {t["task_key"]: t for t in JOBS["restpg_pipeline"]["tasks"]}
+    params = tasks["promote"]["spark_python_task"]["parameters"]
+    assert params[params.index("--candidate") + 1] == "{{tasks.evaluate.values.candidate_version}}"
+    assert "candidate_version" in _published_by("evaluate")
+
+
 def test_pipeline_runs_the_stages_in_order():
     job = JOBS["restpg_pipeline"]
     ancestors = _ancestors(job)
     tasks = {t["task_key"]: t for t in job["tasks"]}
-    order = ["ingest", "retrieve", "synthesize_reasoning", "build_sft", "train_sft"]
-    order += [f"{stage}_{t}" for t in ITERATIONS for stage in ("sample", "judge", "filter", "train")]
+    order = ["ingest", "retrieve", "reason", "sft_data", "train_0", "validate_reward"]
+    order += [f"{stage}_{t}" for t in ITERATIONS for stage in ("sample", "judge", "filtering", "train")]
     order += ["evaluate", "promote"]
+    assert set(order) == set(tasks), f"tasks: {sorted(tasks)}"
     for before, after in zip(order, order[1:]):
         assert before in ancestors[after], f"{after} must run after {before}"
+    assert "train_0" in ancestors["validate_reward"], "the reward is checked on the SFT model's outputs"
     assert "validate_reward" in ancestors["sample_1"], "the reward is validated before it is trained on"
-    assert json.loads(tasks["train_sft"]["for_each_task"]["inputs"]) == SFT_VARIANTS
+    assert json.loads(tasks["train_0"]["for_each_task"]["inputs"]) == SFT_VARIANTS
+    params = tasks["train_0"]["for_each_task"]["task"]["spark_python_task"]["parameters"]
+    assert params[params.index("--iteration") + 1] == "0"
     for t in ITERATIONS:
-        for stage in ("sample", "judge", "filter", "train"):
+        for stage in ("sample", "judge", "filtering", "train"):
             loop = tasks[f"{stage}_{t}"]["for_each_task"]
             assert json.loads(loop["inputs"]) == EM_VARIANTS
             params = loop["task"]["spark_python_task"]["parameters"]

@@ -230,3 +230,52 @@ def test_reward_histogram_png(tmp_path):
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     empty = metrics.reward_histogram_png({}, tmp_path / "empty.png", "nothing")
     assert open(empty, "rb").read(4) == b"\x89PNG"
+
+
+def _predictions():
+    rows = [  # variant, format_ok, format_issue, n_tokens, reasoning, response
+        ("rest_pg", True, None, 10, "likes tea", "Great kettle"),
+        ("rest_pg", True, None, 14, "short sentences, warm tone", "Boils fast and quiet"),
+        ("rest_pg", False, "no_separator", 18, None, ""),
+        ("rest_pg", False, "length_cap", 18, "a long reasoning that never ends", ""),
+        ("sft", True, None, 5, None, "Nice one"),
+        ("sft", True, None, 7, None, ""),
+    ]
+    return pd.DataFrame(rows, columns=["variant", "format_ok", "format_issue", "n_tokens", "reasoning", "response"])
+
+
+@pytest.mark.parametrize("variant, key, expected", [
+    ("rest_pg", "outputs", 4),
+    ("rest_pg", "format_ok_rate", 0.5),
+    ("rest_pg", "format_issues", {"no_separator": 1, "empty_reasoning": 0, "empty_response": 0, "length_cap": 1}),
+    ("rest_pg", "mean_generated_tokens", 15.0),
+    ("rest_pg", "mean_reasoning_words", 3.0),      # (2 + 4) / 2: format-ok outputs only
+    ("rest_pg", "mean_response_words", 3.0),       # (2 + 4) / 2
+    ("sft", "format_ok_rate", 1.0),
+    ("sft", "format_issues", {"no_separator": 0, "empty_reasoning": 0, "empty_response": 0, "length_cap": 0}),
+    ("sft", "mean_reasoning_words", None),         # plain variants have no reasoning
+    ("sft", "mean_response_words", 1.0),           # (2 + 0) / 2
+])
+def test_output_report(variant, key, expected):
+    report = metrics.output_report(_predictions())
+    assert list(report) == ["sft", "rest_pg"]  # Table 1 order
+    assert report[variant][key] == (pytest.approx(expected) if isinstance(expected, float) else expected)
+
+
+def test_output_report_without_any_ok_output():
+    pdf = _predictions().assign(format_ok=False, format_issue="no_separator")
+    report = metrics.output_report(pdf)
+    assert report["rest_pg"]["format_ok_rate"] == 0.0
+    assert report["rest_pg"]["mean_response_words"] is None and report["rest_pg"]["mean_reasoning_words"] is None
+
+
+def test_format_output_report():
+    text = metrics.format_output_report(metrics.output_report(_predictions()))
+    lines = text.splitlines()
+    assert "words" in lines[0] and "format_ok" in lines[1] and "length_cap" in lines[1]
+    row = dict(zip(["variant", "outputs", "format_ok", "no_separator", "empty_reasoning", "empty_response", "length_cap",
+                    "gen_tokens", "reasoning_words", "response_words"], lines[3].split()))
+    assert row == {"variant": "rest_pg", "outputs": "4", "format_ok": "50.0%", "no_separator": "1", "empty_reasoning": "0",
+                   "empty_response": "0", "length_cap": "1", "gen_tokens": "15.0", "reasoning_words": "3.0",
+                   "response_words": "3.0"}
+    assert lines[2].split()[8] == "-"  # sft: no reasoning

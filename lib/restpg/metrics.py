@@ -288,6 +288,50 @@ def format_table1(summary, tests, metric: str = "judge_score", *, ablation: str 
     return "\n".join(lines)
 
 
+def output_report(predictions) -> dict:
+    """Per variant, how the outputs looked: `outputs`, `format_ok_rate`, `format_issues` (count per
+    prompts.FORMAT_ISSUES value, zeros included), `mean_generated_tokens` (policy tokens, end-of-sequence
+    excluded, over all outputs), and `mean_reasoning_words` / `mean_response_words` (whitespace-separated
+    words, over the format-ok outputs only: a failed output's response is empty by definition; None
+    when no output is ok). `predictions` has eval_predictions' variant, format_ok, format_issue,
+    n_tokens, reasoning and response columns."""
+    from restpg.prompts import FORMAT_ISSUES
+
+    report = {}
+    for variant in _variant_order(set(predictions["variant"])):
+        g = predictions[predictions["variant"] == variant]
+        ok = g[g["format_ok"].astype(bool)]
+        issues = g["format_issue"].dropna().value_counts().to_dict()
+        words = lambda texts: float(sum(len((t or "").split()) for t in texts) / len(texts)) if len(texts) else None  # noqa: E731
+        report[variant] = {
+            "outputs": int(len(g)),
+            "format_ok_rate": float(len(ok) / len(g)) if len(g) else None,
+            "format_issues": {**{issue: 0 for issue in FORMAT_ISSUES}, **{k: int(v) for k, v in issues.items()}},
+            "mean_generated_tokens": float(g["n_tokens"].mean()) if len(g) else None,
+            "mean_reasoning_words": words(list(ok["reasoning"])) if ok["reasoning"].notna().any() else None,
+            "mean_response_words": words(list(ok["response"])),
+        }
+    return report
+
+
+def format_output_report(report: dict) -> str:
+    """`output_report` as a text table, one row per variant."""
+    from restpg.prompts import FORMAT_ISSUES
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    cols = ["outputs", "format_ok", *FORMAT_ISSUES, "gen_tokens", "reasoning_words", "response_words"]
+    label_w = max(12, *(len(v) for v in report)) if report else 12
+    lines = ["Output format (words: whitespace-separated, over format-ok outputs; gen_tokens: policy tokens)",
+             " " * label_w + "".join(c.rjust(max(10, len(c) + 2)) for c in cols)]
+    for variant, r in report.items():
+        cells = [str(r["outputs"]), num(r["format_ok_rate"], ".1%"), *(str(r["format_issues"].get(i, 0)) for i in FORMAT_ISSUES),
+                 num(r["mean_generated_tokens"], ".1f"), num(r["mean_reasoning_words"], ".1f"), num(r["mean_response_words"], ".1f")]
+        lines.append(variant.ljust(label_w) + "".join(c.rjust(max(10, len(h) + 2)) for c, h in zip(cells, cols)))
+    return "\n".join(lines)
+
+
 def reward_histogram_png(values_by_group: dict, path, title: str, bins: int = 20) -> str:
     """Overlaid histograms of reward values per group on shared bins, saved as a PNG."""
     import numpy as np

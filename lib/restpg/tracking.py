@@ -67,3 +67,35 @@ def progress(stage: str, done: int, total: int, started: float) -> None:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+# Task values this process published (every environment), for the local caller and the tests.
+published: dict[str, object] = {}
+
+
+def publish_task_value(key: str, value) -> None:
+    """Hand a small pointer to later tasks of a Databricks job (`{{tasks.<task>.values.<key>}}`).
+
+    On Databricks it is `dbutils.jobs.taskValues.set`; elsewhere there is no job to read it, so the
+    value is recorded in `published` and printed (stderr) for whoever runs the stage by hand."""
+    import os
+
+    published[key] = value
+    if "DATABRICKS_RUNTIME_VERSION" in os.environ:
+        _dbutils().jobs.taskValues.set(key=key, value=value)
+        say(f"task value {key}={value} published")
+    else:
+        print(f"task value {key}={value}", file=sys.stderr, flush=True)
+
+
+def _dbutils():
+    """dbutils of the running Databricks task: pyspark.dbutils on a cluster, the notebook's otherwise."""
+    try:
+        from pyspark.dbutils import DBUtils  # only on Databricks runtimes
+        from pyspark.sql import SparkSession
+
+        return DBUtils(SparkSession.builder.getOrCreate())
+    except ImportError:
+        import IPython
+
+        return IPython.get_ipython().user_ns["dbutils"]
