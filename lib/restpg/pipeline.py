@@ -144,7 +144,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     _, evaluated = steps.run("evaluate", f"split={s.evaluate.split}", _cfg(s.evaluate, s.judge, s.prompt), finals, variants=wanted)
     promotion = {}
     if em:
-        _, promotion = steps.run("promote", "", _cfg(s.promote, s.evaluate, s.judge), finals)
+        _, promotion = steps.run("promote", "", _cfg(s.promote, s.evaluate, s.judge), finals,
+                                 candidate=str(evaluated.get("candidate_version") or "") or None)
     notebooks_out = _notebooks(spark, s, steps)
     _report(steps, mean_reward, evaluated, promotion, notebooks_out, s)
     return {"results": steps.results}
@@ -194,10 +195,8 @@ def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: S
             extra = f"pass rate {_fmt(r.get('pass_rate'), '.2%')} at tau={r.get('tau')} ({r.get('kept')} kept); " if label.startswith("filtering") else ""
             lines.append(f"  {label:36} {extra}format ok {_fmt(r.get('format_ok_rate'), '.2%')} {json.dumps(issues) if issues else ''}")
     lines.append("")
-    lines.append("Evaluation outputs per variant (format ok; mean reasoning / response length):")
-    for v, f in (evaluated.get("formats") or {}).items():
-        lines.append(f"  {v:16} format ok {_fmt(f.get('format_ok_rate'), '.0%')}; reasoning {_fmt(f.get('mean_reasoning_length'), '.1f')}, "
-                     f"response {_fmt(f.get('mean_response_length'), '.1f')} {f.get('length_unit', '')}")
+    lines.append("Evaluation outputs per variant:")
+    lines.append(evaluated.get("output_table", ""))
     lines += ["", evaluated.get("table1", ""), ""]
     if promotion:
         lines.append(f"Promotion: candidate version {promotion.get('candidate_version')} → {promotion.get('decision')} "
