@@ -1,5 +1,6 @@
-"""`restpg pipeline` end to end on a tiny model: every table written, lineage on every stage's run,
-a re-run that changes nothing, and stages that own their decisions."""
+"""`restpg pipeline` end to end on a tiny random model: every table written, lineage on every stage's
+run, a re-run that changes nothing, and a reasoning variant whose outputs are never well-formed stopping
+at the filter instead of training on them. (`make run` is the same pipeline with the packaged models.)"""
 from __future__ import annotations
 
 import pytest
@@ -15,14 +16,14 @@ M = 3
 @pytest.fixture(scope="module")
 def run(spark, tiny, tmp_path_factory):
     s = load_settings("local", tiny_overrides(tiny, m=M), home=str(tmp_path_factory.mktemp("e2e-home")))
-    result = cli.run_stage("pipeline", spark, s, variants=["sft", "sft_reasoning", "rest_em", "rest_pg"], force=[])
+    result = cli.run_stage("pipeline", spark, s, variants=["sft", "rest_em"], force=[])
     return s, result
 
 
 def test_every_stage_wrote_its_tables(spark, run):
     s, result = run
     inputs = catalog.read(spark, s, "examples").where("split = 'train'").count()
-    for variant in ("rest_em", "rest_pg"):
+    for variant in ("rest_em",):
         slice_ = {"variant": variant, "iteration": 1}
         traj = catalog.read_slice(spark, s, "trajectories", slice_)
         assert traj.count() == inputs * M == traj.select("example_id", "sample_index").distinct().count()
@@ -34,12 +35,13 @@ def test_every_stage_wrote_its_tables(spark, run):
         ok = scores.set_index(["example_id", "sample_index"])["format_ok"]
         assert all(ok[(r.example_id, r.sample_index)] for r in kept.itertuples())  # never a malformed output
     summary = catalog.read(spark, s, "eval_summary").where("ablation = '' AND task = 'macro'")
-    assert {r.variant for r in summary.collect()} == {"sft", "sft_reasoning", "rest_em", "rest_pg"}
+    assert {r.variant for r in summary.collect()} == {"sft", "rest_em"}
     assert catalog.read(spark, s, "promotions").count() == 1
     assert catalog.read(spark, s, "reward_validation").count() > 0
     done = {r.stage for r in catalog.read(spark, s, "stage_runs").collect()}
-    assert done >= {"ingest", "retrieve", "reason", "sft_data", "train", "validate_reward", "sample", "judge",
+    assert done >= {"ingest", "retrieve", "sft_data", "train", "validate_reward", "sample", "judge",
                     "filtering", "evaluate", "promote", "notebooks"}
+    assert "reason" not in done  # no reasoning variant asked for: no teacher work
 
 
 def test_every_stage_run_logs_the_versions_it_read_and_wrote(run):
@@ -61,5 +63,19 @@ def test_a_second_run_skips_every_stage_and_changes_nothing(spark, run):
     s, _ = run
     tables = ("trajectories", "judge_scores", "training_sets", "eval_scores", "promotions")
     before = {t: catalog.version(spark, s, t) for t in tables}
-    cli.run_stage("pipeline", spark, s, variants=["sft", "sft_reasoning", "rest_em", "rest_pg"], force=[])
+    cli.run_stage("pipeline", spark, s, variants=["sft", "rest_em"], force=[])
     assert {t: catalog.version(spark, s, t) for t in tables} == before
+
+
+def test_a_reasoning_variant_never_trains_on_malformed_outputs(spark, run):
+    """A random policy never writes the separator: every REST-PG sample is judged format_ok = false with
+    reward 0, and the filter stops with the reason instead of training on an empty or malformed set."""
+    from restpg.filtering import NothingPassed
+
+    s, _ = run
+    with pytest.raises(NothingPassed, match="well-formed|format"):
+        cli.run_stage("pipeline", spark, s, variants=["sft_reasoning", "rest_pg"], force=[])
+    scores = catalog.read_slice(spark, s, "judge_scores", {"variant": "rest_pg", "iteration": 1}).toPandas()
+    assert len(scores) > 0 and not scores["format_ok"].any() and (scores["reward"] == 0).all()
+    assert set(scores["format_issue"]) <= {"no_separator", "empty_reasoning", "empty_response", "length_cap"}
+    assert catalog.read_slice(spark, s, "training_sets", {"variant": "rest_pg", "iteration": 1}).count() == 0

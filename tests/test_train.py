@@ -105,7 +105,7 @@ def test_build_features_encodes_the_prompt_as_inference_does(tiny):
         assert f["labels"] == [-100] * n + comp + [eos]      # every prompt position masked
 
 
-def test_featurize_drops_too_long_completions_and_rejects_long_prompts(tokenizer):
+def test_featurize_drops_too_long_completions_and_counts_long_prompts(tokenizer):
     rows = [("user 1 writes about food", "good taste", 1.0),                 # 2 completion tokens
             ("user 2 writes about films", "hates the slow plot very", 0.5),   # 5: over the budget of 4
             ("user 3 writes about books", "likes a long story", 2.0)]         # 4: exactly the budget
@@ -113,8 +113,10 @@ def test_featurize_drops_too_long_completions_and_rejects_long_prompts(tokenizer
     assert out.dropped_too_long == 1 and out.longest_dropped == 5
     assert [f["weight"] for f in out.features] == [1.0, 2.0]
     assert len(out.features[1]["input_ids"]) == 6 + 4 + 1  # nothing truncated: BOS + 5 prompt + 4 + EOS
-    with pytest.raises(ValueError, match="6 tokens, over prompt.max_input_tokens=5"):
-        data.featurize(tokenizer, rows, max_prompt_tokens=5, max_completion_tokens=4)
+    assert out.prompts_over_budget == 0
+    # a prompt whose instruction and input alone exceed the budget is kept whole (inference sees it whole)
+    over = data.featurize(tokenizer, rows, max_prompt_tokens=5, max_completion_tokens=4)
+    assert over.prompts_over_budget == 3 and [f["input_ids"] for f in over.features] == [f["input_ids"] for f in out.features]
 
 
 @pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 32), (32, 32), (33, 128), (200, 256)])

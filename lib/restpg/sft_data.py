@@ -71,7 +71,9 @@ def _decider(policy: str, env: dict, max_reasoning: int, max_response: int):
                 target_fits = fits(_n_tokens(tokenizer, r.target), max_response)
                 has_path = isinstance(r.reasoning, str)
                 reasoning = (r.reasoning or "").strip() if has_path else ""
-                reasoning_fits = has_path and _n_tokens(tokenizer, reasoning) <= max_reasoning and fits(
+                # the teacher wrote the path within the reasoning budget (its own cap); what must fit in
+                # the policy's tokens is the whole completion, under the cap training and sampling share
+                reasoning_fits = has_path and fits(
                     _n_tokens(tokenizer, prompts.join_reasoning(reasoning, r.target)), reasoning_budget)
                 plain.append(leave_out(False, target_fits))
                 reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits))

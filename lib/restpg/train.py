@@ -78,6 +78,7 @@ def run(spark, settings: Settings, *, variant: str, iteration: int = 0, run_id: 
     lineage = {"variant": variant, "iteration": iteration, "init_ref": init_ref, "training_set_version": version,
                "run_id": run_id}
     mlflow.log_params({**lineage, "train_rows": len(data.features), "dropped_too_long": data.dropped_too_long,
+                       "prompts_over_budget": data.prompts_over_budget,
                        "selection_examples": len(sample.example_ids), "checkpoint_job": job.name,
                        **{f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()}}, run_id=run_id)
 

@@ -154,10 +154,11 @@ def direct_pairs(rows: list[dict]) -> list[tuple]:
 # --------------------------------------------------------------------------- the stage
 
 def sft_policy(settings: Settings) -> tuple[str, str]:
-    """(model URI, variant) of the SFT model the check runs on: SFT with reasoning when trained, else SFT."""
+    """(model URI, variant) of the SFT model the check runs on: plain SFT when trained (its outputs are
+    always well-formed, so the check measures the reward and not the output format), else SFT with reasoning."""
     from restpg import registry
 
-    for variant in ("sft_reasoning", "sft"):
+    for variant in ("sft", "sft_reasoning"):
         try:
             return registry.final_policy(settings, variant, settings.loop.iterations), variant
         except LookupError:

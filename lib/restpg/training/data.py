@@ -28,25 +28,25 @@ class Featurized:
     features: list[dict]  # build_features(...) plus "weight"
     dropped_too_long: int  # rows whose completion exceeds the output budget
     longest_dropped: int = 0  # completion tokens of the longest dropped row
+    prompts_over_budget: int = 0  # prompts whose instruction and input alone exceed the budget (kept whole)
 
 
 def featurize(tokenizer, rows, *, max_prompt_tokens: int, max_completion_tokens: int) -> Featurized:
     """Features of (prompt, completion, weight) rows. A completion over `max_completion_tokens`
     (EOS not counted: the same cap as generation's new tokens) is dropped; a prompt over
-    `max_prompt_tokens` is an error, since prompts were fitted to that budget upstream."""
-    features, dropped, longest = [], 0, 0
+    `max_prompt_tokens` is kept as it is and counted: the fitter upstream drops profile items first and
+    never cuts the instruction or the input, and inference sees the same prompt whole."""
+    features, dropped, longest, over = [], 0, 0, 0
     for prompt, completion, weight in rows:
         f = build_features(tokenizer, prompt, completion)
         n_prompt = f["labels"].count(IGNORE_INDEX)
-        if n_prompt > max_prompt_tokens:
-            raise ValueError(f"a training prompt has {n_prompt} tokens, over prompt.max_input_tokens="
-                             f"{max_prompt_tokens}: prompts must be fitted upstream (prompt starts {prompt[:80]!r})")
+        over += n_prompt > max_prompt_tokens
         n_completion = len(f["input_ids"]) - n_prompt - 1
         if n_completion > max_completion_tokens:
             dropped, longest = dropped + 1, max(longest, n_completion)
             continue
         features.append({**f, "weight": float(weight)})
-    return Featurized(features, dropped, longest)
+    return Featurized(features, dropped, longest, over)
 
 
 def bucket_length(n: int, buckets) -> int:
