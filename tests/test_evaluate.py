@@ -43,6 +43,7 @@ def register(settings, checkpoint: str, slices: list[tuple[str, int]]) -> list[s
 @pytest.fixture(scope="module")
 def home(spark, tiny, tmp_path_factory):
     s = make_settings(tmp_path_factory.mktemp("evaluate-home"), *tiny_overrides(tiny), "loop.variants=[sft, rest_pg]",
+                      "prompt.max_reasoning_tokens=4", "prompt.max_response_tokens=6",
                       "mlflow.policy_model_name=tiny-eval")
     write_rows(spark, s, "examples", [example_row(e, f"u{i % 2}", split="test", target=TARGET) for i, e in enumerate(TEST)]
                + [example_row("ex-9", "u1", split="train", target=TARGET)])

@@ -220,7 +220,8 @@ def test_promote_scores_candidate_and_champion_itself(spark, tiny, tmp_path):
     """The scheduled path's bug: a champion exists and nothing wrote validation scores (evaluate scores
     the test split). Promotion must score both on the validation split itself, not compare nothing."""
     name = "policy-scored"
-    s = make_settings(tmp_path / "home", *tiny_overrides(tiny), f"mlflow.policy_model_name={name}",
+    s = make_settings(tmp_path / "home", *tiny_overrides(tiny), "prompt.max_reasoning_tokens=4", "prompt.max_response_tokens=6",
+                      f"mlflow.policy_model_name={name}",
                       "loop.variants=[sft, rest_pg]")
     write_rows(spark, s, "examples", [example_row(e, "u1", split="val") for e in VAL] + [example_row("ex-t", "u1", split="test")])
     write_rows(spark, s, "retrievals", [

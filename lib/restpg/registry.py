@@ -26,10 +26,8 @@ def trained_version(settings: Settings, variant: str, iteration: int) -> str | N
     setup_mlflow(settings)
     name = settings.mlflow.policy_model_name
     client = MlflowClient()
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except Exception:  # no such registered model yet
-        return None
+    # an unknown name yields no versions; a registry that cannot be reached is an error, not "none yet"
+    versions = client.search_model_versions(f"name = '{name.replace(chr(39), chr(39) * 2)}'")
     mine = [v for v in versions if v.tags.get("variant") == variant and str(v.tags.get("iteration")) == str(iteration)]
     if not mine:
         return None
