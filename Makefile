@@ -29,9 +29,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-# The inner loop: everything but the end-to-end and slow tests (under 2 minutes).
+# The inner loop: the tests that need no Spark session and no packaged model (under 2 minutes).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e and not slow" tests
+	$(BIN)/python -m pytest -q -m fast tests
 
 # One EM iteration at the paper's setting (LLM judge, tau = 1.0) with Gemma 3 270M in every role, on CPU.
 paper-smoke: $(STAMP)

@@ -1,7 +1,7 @@
 """One local Spark session with Delta for the whole suite; each test module gets its own home.
 
 Markers (pytest.ini): every test is `fast` unless it uses Spark (`spark`) or is marked `e2e` or
-`slow`; `make test-fast` runs `-m "not e2e and not slow"`.
+`slow`; `make test-fast` runs `-m fast`.
 """
 from __future__ import annotations
 
