@@ -57,7 +57,7 @@ def predict(spark, settings: Settings, variant: str, policy: str, split: str, ab
     cfg = settings.evaluate
     examples = catalog.read_slice(spark, settings, "examples", {"split": split})
     inputs = policy_prompts(spark, settings, examples, variant)
-    cap = prompts.output_budget(variant, settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
+    cap = generation.output_cap(settings, variant)
     out = generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
                                  top_p=cfg.top_p, max_new_tokens=cap, iteration=-1, seed=settings.sample.seed)
     parse = F.udf(lambda text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)

@@ -181,9 +181,9 @@ def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows:
     gen += [(f"shuffled|{r['example_id']}", r["task"], r["input"], items[donor[r["example_id"]]]) for r in mine]
     gen_df = spark.createDataFrame(gen, "example_id string, task string, input string, item_texts array<string>")
     prompts_df = policy_prompts(spark, settings, gen_df, variant)
-    cfg, p = settings.evaluate, settings.prompt
+    cfg = settings.evaluate
     out = generation.generate_df(prompts_df.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=prompts.output_budget(variant, p.max_reasoning_tokens, p.max_response_tokens),
+                                 top_p=cfg.top_p, max_new_tokens=generation.output_cap(settings, variant),
                                  iteration=-2, seed=settings.sample.seed)
     respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", bool(finished)).response, "string")
     truth = spark.createDataFrame([(r["example_id"], r["input"], r["target"]) for r in rows], "eid string, input string, target string")
