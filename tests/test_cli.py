@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_job_file_calls_its_own_stage_through_entry():
     jobs = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
-    assert set(jobs) == set(cli.STAGES) - {"ablations"}
+    assert set(jobs) == set(cli.STAGES) - {"ablations", "estimate"}  # sized and run by hand, not scheduled
     for name in jobs:
         tree = ast.parse((ROOT / "jobs" / f"{name}.py").read_text())
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "entry"]

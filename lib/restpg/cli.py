@@ -46,6 +46,8 @@ STAGES = {
         arg("--task", default=None, help="product_review | abstract_generation | topic_writing | email_completion (else the record's 'task')"),
         arg("--split", default=None, help="train | val | test (else the record's 'split', else by user hash)"))),
     "retrieve": Stage("top-k items of each example's own profile → retrievals"),
+    "user_profiles": Stage("style (stylometric) and topic (embedding) vector per user from training-split texts → user_profiles"),
+    "peer_retrieve": Stage("PAT's style-cue and topic-context trajectories: items of k peers each → peer_retrievals"),
     "reason": Stage("teacher-written reasoning paths for the training inputs → reasoning_paths", aliases=("synthesize_reasoning",)),
     "sft_data": Stage("iteration-0 training sets of sft and sft_reasoning → training_sets", (
         arg("--variant", dest="variants", action="append", default=None, help="sft and/or sft_reasoning (default both)"),),
@@ -71,6 +73,8 @@ STAGES = {
         arg("kind", choices=["budget", "iterations", "restart"]),
         arg("--m", dest="budgets", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
             help="exploration budgets for 'budget', e.g. 2,4,8")), aliases=("ablate",)),
+    "estimate": Stage("generated tokens, judge passes, training tokens and hours of a run, per stage and EM iteration", (
+        arg("--bench", default=None, help="bench result JSON with the measured rates (default: the newest bench/results/*.json)"),)),
     "pipeline": Stage("the whole run: ingest → retrieve → reason → SFT → validate → EM → evaluate → promote", (
         arg("--variants", type=lambda s: s.split(","), default=None, help="comma-separated variants (default from the profile)"),
         arg("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if complete")),

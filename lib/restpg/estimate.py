@@ -1,0 +1,207 @@
+"""`restpg estimate`: what a run of a profile costs before it starts, so a data team can size a job.
+
+Per stage and per EM iteration: generated tokens, judge passes (one per judged output), training
+tokens and texts embedded, counted from the profile's settings and the run's data (the `examples`
+table when it exists, else the demo data the profile would make), then wall time at the rates the
+last `make bench` measured (`bench/results/*.json`, key `rates`). Every output is counted at its
+length cap and every training row at prompt budget + output cap: the figures are upper bounds, and
+the rates are those of the benchmark's model on the benchmark's machine.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from restpg import prompts
+from restpg import variants as V
+from restpg.config import Settings
+from restpg.tracking import say
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+RATE_KEYS = {  # rates a bench result carries → what they time
+    "generate_tokens_per_s": "single-output generation (reasoning, selection, validation, evaluation)",
+    "sample_tokens_per_s": "E-step sampling, m outputs per prompt sharing one prefill",
+    "judge_outputs_per_s": "rewarded outputs per second",
+    "train_tokens_per_s": "training tokens per second",
+    "embed_texts_per_s": "texts embedded per second (retrieval)",
+}
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    train_inputs: int  # after data.max_examples
+    split_inputs: dict  # split → examples
+    embed_texts: int  # distinct profile items + every example's input
+
+
+@dataclass(frozen=True)
+class Work:
+    stage: str
+    iteration: int | None
+    variant: str
+    generated_tokens: int = 0
+    generated_outputs: int = 0
+    sampled: bool = False  # m outputs per prompt (the E-step), timed at the sampling rate
+    judge_passes: int = 0
+    train_tokens: int = 0
+    embedded_texts: int = 0
+
+
+def counts_of(records: list[dict], max_examples: int = 0) -> DataCounts:
+    """DataCounts of examples given as dicts with split, input, user_id and profile (items with item_id, text)."""
+    splits: dict = {}
+    for r in records:
+        splits[r["split"]] = splits.get(r["split"], 0) + 1
+    train = splits.get("train", 0)
+    items = {(r["user_id"], it["item_id"], it["text"]) for r in records for it in (r["profile"] or [])}
+    return DataCounts(min(train, max_examples) if max_examples else train, splits, len(items) + len(records))
+
+
+def data_counts(spark, settings: Settings) -> DataCounts:
+    """Counts of the run's examples: from the `examples` table, else the demo data of the profile."""
+    from restpg import catalog
+
+    if catalog.exists(spark, settings, "examples"):
+        rows = catalog.read(spark, settings, "examples").select("split", "input", "user_id", "profile").collect()
+        records = [r.asDict(recursive=True) for r in rows]
+    elif settings.data.source == "demo":
+        from restpg import demo_data
+
+        d = settings.data
+        # raw LongLaMP records: user ids live under task-specific keys, so an item is known by its content
+        records = [{**r, "user_id": "", "profile": [{"item_id": "", "text": json.dumps(p, sort_keys=True)} for p in r["profile"]]}
+                   for r in demo_data.generate(d.demo_users, d.demo_profile_items, d.demo_examples_per_user, d.demo_seed)]
+    else:
+        raise LookupError(f"no examples table and data.source={settings.data.source!r} is not demo data: "
+                          "run `restpg ingest` first (the estimate counts the ingested examples)")
+    return counts_of(records, settings.data.max_examples)
+
+
+def cap(settings: Settings, variant: str) -> int:
+    p = settings.prompt
+    return prompts.output_budget(variant, p.max_reasoning_tokens, p.max_response_tokens)
+
+
+def _train(settings: Settings, variant: str, iteration: int) -> Work:
+    """One training job: cfg.steps steps of batch_size rows at prompt budget + output cap, and the
+    checkpoint selections (step 0, every eval_every steps, the last step) on selection_examples."""
+    t, n = settings.train, cap(settings, variant)
+    selections = 1 + (t.steps // t.eval_every if t.eval_every > 0 else 0) + (t.eval_every <= 0 or t.steps % t.eval_every != 0)
+    outputs = selections * t.selection_examples
+    return Work("train", iteration, variant, generated_tokens=outputs * n, generated_outputs=outputs, judge_passes=outputs,
+                train_tokens=t.steps * t.batch_size * (settings.prompt.max_input_tokens + n))
+
+
+def plan(settings: Settings, counts: DataCounts) -> list[Work]:
+    """The work of a whole `restpg pipeline` run, stage by stage, EM iterations in order."""
+    names = V.check(settings.loop.variants)
+    sft = [v for v in V.SFT_NAMES if v in names or any(V.base_of(e) == v for e in names)]
+    em = [v for v in names if V.is_em(v)]
+    train_n, m = counts.train_inputs, settings.sample.m
+    work = [Work("retrieve", None, "", embedded_texts=counts.embed_texts)]
+    if any(V.uses_reasoning(v) for v in sft):
+        work.append(Work("reason", None, "teacher", generated_tokens=train_n * settings.prompt.max_reasoning_tokens,
+                         generated_outputs=train_n))
+    work += [_train(settings, v, 0) for v in sft]
+    val = min(settings.validate.examples, counts.split_inputs.get(settings.validate.split, 0))
+    base = sft[0] if sft else "sft"
+    work.append(Work("validate_reward", None, base, generated_tokens=2 * val * cap(settings, base), generated_outputs=2 * val,
+                     judge_passes=2 * val + 3 * val))
+    for t in range(1, settings.loop.iterations + 1):
+        for v in em:
+            outputs = train_n * m
+            work.append(Work("sample", t, v, generated_tokens=outputs * cap(settings, v), generated_outputs=outputs, sampled=True))
+            work.append(Work("judge", t, v, judge_passes=outputs))
+            work.append(Work("train", t, v, **{k: getattr(_train(settings, v, t), k) for k in
+                                               ("generated_tokens", "generated_outputs", "judge_passes", "train_tokens")}))
+    for stage, split in (("evaluate", settings.evaluate.split), ("promote", settings.promote.split)):
+        n = counts.split_inputs.get(split, 0)
+        tokens = sum(n * cap(settings, v) for v in names)
+        work.append(Work(stage, None, ",".join(names), generated_tokens=tokens, generated_outputs=n * len(names),
+                         judge_passes=n * len(names)))
+    return work
+
+
+def seconds(w: Work, rates: dict) -> float | None:
+    """Wall seconds of `w` at `rates`; None when a rate it needs is missing."""
+    parts = [(w.generated_tokens, "sample_tokens_per_s" if w.sampled else "generate_tokens_per_s"),
+             (w.judge_passes, "judge_outputs_per_s"), (w.train_tokens, "train_tokens_per_s"),
+             (w.embedded_texts, "embed_texts_per_s")]
+    total = 0.0
+    for amount, key in parts:
+        if amount:
+            rate = rates.get(key)
+            if not rate:
+                return None
+            total += amount / rate
+    return total
+
+
+def latest_bench(results_dir: Path = RESULTS_DIR) -> Path | None:
+    files = sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def load_rates(path: Path | None) -> tuple[dict, str]:
+    """(rates, where they come from) of a bench result file; ({}, why not) without one."""
+    if path is None:
+        return {}, "no bench result: run `make bench` for wall times"
+    doc = json.loads(Path(path).read_text())
+    rates = {k: float(v) for k, v in doc.get("rates", {}).items() if k in RATE_KEYS and v}
+    machine = doc.get("machine", {})
+    return rates, f"{path} ({machine.get('name', '?')}, {doc.get('model', '?')} {doc.get('dtype', '')})".rstrip()
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _hours(s: float | None) -> str:
+    return "n/a" if s is None else f"{s / 3600:.2f}"
+
+
+def table(work: list[Work], rates: dict) -> str:
+    """One line per job, then the total and the EM iterations' share."""
+    head = f"{'stage':<16}{'t':>3} {'variant':<22}{'gen tokens':>11}{'outputs':>9}{'judge':>9}{'train tok':>11}{'embed':>8}{'hours':>8}"
+    lines = [head, "-" * len(head)]
+    for w in work:
+        lines.append(f"{w.stage:<16}{'' if w.iteration is None else w.iteration:>3} {w.variant[:21]:<22}"
+                     f"{_fmt(w.generated_tokens):>11}{_fmt(w.generated_outputs):>9}{_fmt(w.judge_passes):>9}"
+                     f"{_fmt(w.train_tokens):>11}{_fmt(w.embedded_texts):>8}{_hours(seconds(w, rates)):>8}")
+    lines.append("-" * len(head))
+    for label, rows in (("total", work), ("per EM iteration", [w for w in work if w.iteration == 1])):
+        s = [seconds(w, rates) for w in rows]
+        lines.append(f"{label:<42}{_fmt(sum(w.generated_tokens for w in rows)):>11}"
+                     f"{_fmt(sum(w.generated_outputs for w in rows)):>9}{_fmt(sum(w.judge_passes for w in rows)):>9}"
+                     f"{_fmt(sum(w.train_tokens for w in rows)):>11}{_fmt(sum(w.embedded_texts for w in rows)):>8}"
+                     f"{_hours(None if None in s else sum(s)):>8}")
+    return "\n".join(lines)
+
+
+def totals(work: list[Work], rates: dict) -> dict:
+    s = [seconds(w, rates) for w in work]
+    em = [seconds(w, rates) for w in work if w.iteration == 1]
+    return {"generated_tokens": sum(w.generated_tokens for w in work), "judge_passes": sum(w.judge_passes for w in work),
+            "train_tokens": sum(w.train_tokens for w in work), "embedded_texts": sum(w.embedded_texts for w in work),
+            "hours": None if None in s else round(sum(s) / 3600, 3),
+            "hours_per_em_iteration": None if None in em or not em else round(sum(em) / 3600, 3)}
+
+
+def run(spark, settings: Settings, *, run_id: str, bench: str | None = None) -> dict:
+    """Prints the table of a whole run of the profile and returns its totals."""
+    counts = data_counts(spark, settings)
+    rates, source = load_rates(Path(bench) if bench else latest_bench())
+    work = plan(settings, counts)
+    say(f"estimate: {counts.train_inputs} training inputs, splits {counts.split_inputs}, rates from {source}")
+    print(table(work, rates), flush=True)
+    missing = sorted(set(RATE_KEYS) - set(rates))
+    if missing:
+        say(f"estimate: no measured rate for {', '.join(missing)}: those jobs show n/a")
+    out = totals(work, rates)
+    return {**out, "rates": rates, "rates_from": source, "train_inputs": counts.train_inputs,
+            "splits": counts.split_inputs, "upper_bound": "outputs at their caps, training rows at prompt budget + cap",
+            "jobs": len(work), "iterations": settings.loop.iterations}

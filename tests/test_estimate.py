@@ -1,0 +1,99 @@
+"""`restpg estimate`: the work of a run counted from the profile and its data, timed at bench rates."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import example_row, make_settings, write_rows
+
+from restpg import estimate
+
+
+def _counts(train: int = 10, val: int = 4, test: int = 3) -> estimate.DataCounts:
+    return estimate.DataCounts(train, {"train": train, "val": val, "test": test}, 50)
+
+
+def _settings(tmp_path, *extra: str):
+    return make_settings(tmp_path, "sample.m=8", "loop.iterations=2", "loop.variants=[sft, sft_reasoning, rest_em, rest_pg]",
+                         "prompt.max_input_tokens=300", "prompt.max_reasoning_tokens=40", "prompt.max_response_tokens=60",
+                         "train.steps=10", "train.batch_size=4", "train.eval_every=4", "train.selection_examples=5", *extra)
+
+
+def test_counts_of_dedupes_profile_items_per_user_and_caps_training_inputs():
+    items = [{"item_id": "a", "text": "x"}, {"item_id": "b", "text": "y"}]
+    records = [{"split": "train", "input": "q1", "user_id": "u1", "profile": items},
+               {"split": "train", "input": "q2", "user_id": "u1", "profile": items},
+               {"split": "test", "input": "q3", "user_id": "u2", "profile": items[:1]}]
+    counts = estimate.counts_of(records)
+    assert counts.embed_texts == 2 + 1 + 3  # u1's two items once, u2's item, three inputs
+    assert counts.split_inputs == {"train": 2, "test": 1} and counts.train_inputs == 2
+    assert estimate.counts_of(records, max_examples=1).train_inputs == 1
+
+
+def test_e_step_work_is_inputs_times_m_times_the_variants_cap(tmp_path):
+    settings = _settings(tmp_path)
+    work = estimate.plan(settings, _counts())
+    samples = [w for w in work if w.stage == "sample"]
+    assert [(w.iteration, w.variant) for w in samples] == [(1, "rest_em"), (1, "rest_pg"), (2, "rest_em"), (2, "rest_pg")]
+    by_variant = {w.variant: w for w in samples if w.iteration == 1}
+    assert by_variant["rest_em"].generated_tokens == 10 * 8 * 60
+    assert by_variant["rest_pg"].generated_tokens == 10 * 8 * estimate.cap(settings, "rest_pg")
+    assert estimate.cap(settings, "rest_pg") > 40 + 60 - 1  # reasoning, separator and response
+    judges = [w for w in work if w.stage == "judge"]
+    assert all(w.judge_passes == 80 and w.generated_tokens == 0 for w in judges)
+
+
+def test_training_jobs_count_steps_batches_and_selections(tmp_path):
+    settings = _settings(tmp_path)
+    trains = [w for w in estimate.plan(settings, _counts()) if w.stage == "train"]
+    assert [(w.iteration, w.variant) for w in trains] == [
+        (0, "sft"), (0, "sft_reasoning"), (1, "rest_em"), (1, "rest_pg"), (2, "rest_em"), (2, "rest_pg")]
+    sft = trains[0]
+    assert sft.train_tokens == 10 * 4 * (300 + 60)
+    # selections at steps 0, 4, 8 and the last step 10, five examples each
+    assert sft.generated_outputs == 4 * 5 and sft.judge_passes == 20 and sft.generated_tokens == 20 * 60
+
+
+def test_reasoning_is_planned_only_when_a_variant_reasons(tmp_path):
+    plain = estimate.plan(_settings(tmp_path, "loop.variants=[sft, rest_em]"), _counts())
+    assert "reason" not in {w.stage for w in plain}
+    assert {w.variant for w in plain if w.stage == "train"} == {"sft", "rest_em"}
+    reasoning = estimate.plan(_settings(tmp_path, "loop.variants=[rest_pg]"), _counts())
+    (reason,) = [w for w in reasoning if w.stage == "reason"]
+    assert reason.generated_tokens == 10 * 40
+    assert {w.variant for w in reasoning if w.stage == "train"} == {"sft_reasoning", "rest_pg"}
+
+
+def test_seconds_add_each_kind_of_work_at_its_rate_and_are_unknown_without_one():
+    w = estimate.Work("train", 1, "rest_pg", generated_tokens=1000, judge_passes=10, train_tokens=4000)
+    rates = {"generate_tokens_per_s": 100.0, "judge_outputs_per_s": 5.0, "train_tokens_per_s": 400.0}
+    assert estimate.seconds(w, rates) == pytest.approx(10 + 2 + 10)
+    assert estimate.seconds(w, {k: v for k, v in rates.items() if k != "judge_outputs_per_s"}) is None
+    sampled = estimate.Work("sample", 1, "rest_pg", generated_tokens=1000, sampled=True)
+    assert estimate.seconds(sampled, {"sample_tokens_per_s": 250.0}) == pytest.approx(4)
+
+
+def test_table_and_totals_at_rates_from_a_bench_file(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"machine": {"name": "box"}, "model": "m", "rates": {
+        "generate_tokens_per_s": 50, "sample_tokens_per_s": 200, "judge_outputs_per_s": 4, "train_tokens_per_s": 100,
+        "embed_texts_per_s": 20, "unrelated": 1}}))
+    rates, source = estimate.load_rates(path)
+    assert set(rates) == set(estimate.RATE_KEYS) and "box" in source
+    work = estimate.plan(_settings(tmp_path), _counts())
+    totals = estimate.totals(work, rates)
+    assert totals["hours"] == pytest.approx(sum(estimate.seconds(w, rates) for w in work) / 3600, abs=1e-3)
+    assert 0 < totals["hours_per_em_iteration"] < totals["hours"]
+    text = estimate.table(work, rates)
+    assert "n/a" not in text and "per EM iteration" in text
+    assert "n/a" in estimate.table(work, {})
+
+
+def test_run_counts_the_examples_table(spark, tmp_path, capsys):
+    settings = _settings(tmp_path)
+    rows = [example_row(f"e{i}", f"u{i % 2}", split="train") for i in range(5)] + [example_row("t0", "u0", split="test")]
+    write_rows(spark, settings, "examples", rows)
+    out = estimate.run(spark, settings, run_id="test", bench=None)
+    assert out["train_inputs"] == 5 and out["splits"] == {"train": 5, "test": 1}
+    assert out["embedded_texts"] == 2 * 3 + 6  # three items per user, six inputs
+    assert out["generated_tokens"] > 0 and "sample" in capsys.readouterr().out
