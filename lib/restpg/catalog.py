@@ -20,12 +20,13 @@ WRITTEN_BY = {  # the sub-command that writes each table (named in "not written 
     "training_sets": "sft_data / filtering", "trajectories": "sample", "judge_scores": "judge",
     "eval_predictions": "evaluate", "eval_scores": "evaluate", "eval_summary": "evaluate", "eval_tests": "evaluate",
     "reward_validation": "validate_reward", "promotions": "promote", "stage_runs": "run",
+    "user_profiles": "user_profiles", "peer_retrievals": "peer_retrieve",
 }
 
 TABLES = (
     "examples", "quarantine", "retrievals", "reasoning_paths", "training_sets", "trajectories",
     "judge_scores", "eval_predictions", "eval_scores", "eval_summary", "eval_tests",
-    "reward_validation", "promotions", "stage_runs",
+    "reward_validation", "promotions", "stage_runs", "user_profiles", "peer_retrievals",
 )
 
 
