@@ -106,3 +106,22 @@ def test_retrieval_on_amazon_sample(spark, fresh_settings, amazon_path, tmp_path
     assert by_user["asker"]["items"][0]["text"] == wanted and by_user["asker"]["items"][0]["score"] > 0.99
     assert by_user["copier"]["excluded"] == 1 and wanted not in {it["text"] for it in by_user["copier"]["items"]}
     assert len(by_user["copier"]["items"]) == len(recs[0]["profile"]) - 1
+
+
+def test_embedding_spreads_over_every_core_and_reports_progress(spark, fresh_settings, capsys):
+    """A one-partition table is embedded on as many partitions as Spark has cores, each with rows, and
+    the watch prints rows done of the total with a rate."""
+    from pyspark.sql import functions as F
+
+    from restpg.embedding import embed_column, watch
+
+    texts = spark.createDataFrame([(f"review {i} of a kettle",) for i in range(12)], "text string").coalesce(1)
+    workers = spark.sparkContext.defaultParallelism
+    with watch(spark, "test embed", 12, every_s=3600) as counter:
+        out = embed_column(texts, "text", "vec", fresh_settings, counter=counter).localCheckpoint()
+    assert counter.value == 12
+    per_partition = out.groupBy(F.spark_partition_id().alias("p")).count().collect()
+    assert len(per_partition) >= workers >= 2 and all(r["count"] > 0 for r in per_partition)
+    assert {len(r.vec) for r in out.collect()} == {384}
+    err = capsys.readouterr().err
+    assert "test embed [" in err and "12/12 (100%)" in err

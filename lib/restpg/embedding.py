@@ -1,12 +1,16 @@
 """Sentence embeddings on Spark (retrieval; the embedding reward lives in `restpg.rewards`), model cached per worker."""
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
 from restpg.config import Settings
+from restpg.tracking import progress
 
 
 def embed_texts(texts: list[str], ref: str, env: dict, batch_size: int = 64) -> np.ndarray:
@@ -24,8 +28,15 @@ def embed_with(model, texts: list[str], batch_size: int = 64) -> np.ndarray:
                         show_progress_bar=False)
 
 
-def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str | None = None):
-    """Adds `out_col` (array<float>) holding the embedding of `text_col`."""
+def spread(df, workers: int):
+    """df in at least `workers` partitions: a small table read from one file is one partition, and a
+    pandas UDF over one partition runs on one Python worker however many cores there are."""
+    return df if df.rdd.getNumPartitions() >= workers else df.repartition(workers)
+
+
+def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str | None = None, counter=None):
+    """Adds `out_col` (array<float>) holding the embedding of `text_col`, on at least one partition per
+    core. `counter` (a Spark accumulator, see `watch`) gets the rows embedded."""
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
@@ -36,7 +47,35 @@ def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str |
     @pandas_udf("array<float>")
     def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         for texts in batches:
-            yield pd.Series(list(embed_texts(texts.fillna("").tolist(), ref, env, bs)))
+            vecs = embed_texts(texts.fillna("").tolist(), ref, env, bs)
+            if counter is not None:
+                counter.add(len(texts))
+            yield pd.Series(list(vecs))
 
-    return df.withColumn(out_col, embed(F.col(text_col)))
+    return spread(df, df.sparkSession.sparkContext.defaultParallelism).withColumn(out_col, embed(F.col(text_col)))
 
+
+@contextlib.contextmanager
+def watch(spark, label: str, total: int, every_s: float = 15.0):
+    """Yields an accumulator for the executors to add finished rows to; while the body runs a driver
+    thread prints rows done of `total`, rows/s and time left every `every_s` seconds, and once at the end.
+    Executors report an accumulator when a task ends, so the count moves partition by partition."""
+    counter = spark.sparkContext.accumulator(0)
+    stop, started = threading.Event(), time.time()
+
+    def report() -> None:
+        rate = counter.value / max(time.time() - started, 1e-9)
+        progress(f"{label} [{rate:.1f} rows/s]", counter.value, total, started)
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            report()
+
+    thread = threading.Thread(target=loop, name=f"progress {label}", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join()
+        report()

@@ -71,18 +71,21 @@ def per_user_top_k(k: int):
 def run(spark, settings: Settings, *, run_id: str) -> dict:
     from pyspark.sql import functions as F
 
-    from restpg.embedding import embed_column
+    from restpg.embedding import embed_column, watch
 
     k, retriever = settings.retrieve.k, settings.models.retriever
     examples = catalog.read(spark, settings, "examples")
     items = (examples.select("user_id", F.explode("profile").alias("item"))
-             .select("user_id", "item.item_id", "item.text").dropDuplicates(["user_id", "item_id", "text"]))
+             .select("user_id", "item.item_id", "item.text").dropDuplicates(["user_id", "item_id", "text"])).cache()
     spark.sparkContext.setJobDescription("retrieve: embed profile items and inputs")
-    item_vecs = embed_column(items, "text", "vec", settings).localCheckpoint()
+    with watch(spark, "retrieve: profile items embedded", items.count()) as counter:
+        item_vecs = embed_column(items, "text", "vec", settings, counter=counter).localCheckpoint()
+    items.unpersist()
     profile = F.transform("profile", lambda it: F.struct(it["item_id"].alias("item_id"), it["text"].alias("text"),
                                                          F.map_values(it["fields"]).alias("values")))
     queries = examples.select("example_id", "task", "split", "user_id", "input", "target", profile.alias("profile"))
-    query_vecs = embed_column(queries, "input", "vec", settings).drop("input").localCheckpoint()
+    with watch(spark, "retrieve: inputs embedded", examples.count()) as counter:
+        query_vecs = embed_column(queries, "input", "vec", settings, counter=counter).drop("input").localCheckpoint()
 
     spark.sparkContext.setJobDescription("retrieve: top-k of each example's own profile")
     out = (query_vecs.groupBy("user_id").cogroup(item_vecs.groupBy("user_id"))
