@@ -73,6 +73,19 @@ def collate(features: list[dict], weights: list[float], buckets, pad_id: int) ->
     return {"input_ids": input_ids, "labels": labels, "weights": torch.tensor(weights, dtype=torch.float32)}
 
 
+def length_grouped(indices: list[int], lengths: list[int], micro: int) -> list[list[int]]:
+    """One optimizer step's rows cut into micro-batches of similar length (longest first), so each
+    micro-batch pads to its own longest row, not the step's. The step still sees the same rows with
+    the same weights and one normaliser, so its gradient is unchanged; only padding goes."""
+    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
+    return [ordered[s:s + micro] for s in range(0, len(ordered), micro)]
+
+
+def padded_tokens(groups: list[list[int]], lengths: list[int], buckets) -> int:
+    """Positions the forward passes of `groups` compute, padding included (collate's bucketed widths)."""
+    return sum(len(g) * bucket_length(max(lengths[i] for i in g), buckets) for g in groups if g)
+
+
 class DataOrder:
     """Row indices without end: a fresh permutation of the n rows every epoch, drawn from one seeded
     generator. A fixed step budget therefore repeats a small training set (epochs > 1) and stops

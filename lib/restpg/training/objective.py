@@ -2,6 +2,8 @@
 learning-rate schedule, and the optimizer."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +57,18 @@ def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ValueError(f"train.optimizer must be adafactor or adamw, got {cfg.optimizer!r}")
+
+
+AUTOCAST_DTYPES = ("float32", "bfloat16")
+
+
+def autocast(device_type: str, dtype: str = "float32"):
+    """The context a forward pass runs in: "bfloat16" runs matmuls in bfloat16 under `torch.autocast`
+    while weights, gradients and optimizer state stay float32 (the loss is taken in float32 by
+    `weighted_nll`); "float32" changes nothing. On CPUs with bf16 matmul units (AVX512-BF16, AMX) this is
+    the cheaper half of mixed precision; `make bench` measures it against eager float32."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast dtype must be one of {AUTOCAST_DTYPES}, got {dtype!r}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
