@@ -29,12 +29,19 @@ def _paths(spark, s):
     return catalog.read_slice(spark, s, "reasoning_paths", reason.path_slice(s)).toPandas().set_index("example_id")
 
 
+def _merges(spark, s, run_id):
+    """MERGE commits of `run_id` in the history of reasoning_paths."""
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{catalog.ref(s, 'reasoning_paths').path}`").collect()
+    return sum(h.operation == "MERGE" and f'"run_id": "{run_id}"' in (h.userMetadata or "") for h in history)
+
+
 def test_teacher_writes_for_the_training_inputs_within_the_reasoning_budget(spark, tiny, tmp_path):
     home = tmp_path / "home"
     common = [f"models.teacher={tiny}", f"models.policy={tiny}", "prompt.max_input_tokens=200", "prompt.max_reasoning_tokens=5"]
-    s = make_settings(home, *common, "data.max_examples=3")
+    s = make_settings(home, *common, "data.max_examples=3", "reason.chunk_examples=2")
     _tables(spark, s, 5)
     report = reason.run(spark, s, run_id="r1")
+    assert _merges(spark, s, "r1") == 2  # 3 inputs in chunks of 2: two commits
     wanted = sorted(r.example_id for r in training_inputs(spark, s).collect())
     paths = _paths(spark, s)
     assert wanted == ["e0", "e1", "e2"] and sorted(paths.index) == wanted  # data.max_examples caps the teacher's work
@@ -44,12 +51,15 @@ def test_teacher_writes_for_the_training_inputs_within_the_reasoning_budget(spar
     assert paths["copy_overlap"].between(0, 1).all() and set(paths["run_id"]) == {"r1"}
 
     more = make_settings(home, *common, "data.max_examples=4")
-    resumed = reason.run(spark, more, run_id="r2", resume=True)  # only the missing input is generated
+    resumed = reason.run(spark, more, run_id="r2")  # only the missing input is generated
     paths = _paths(spark, more)
     assert resumed["generated"] == 1 and resumed["reused"] == 3 and resumed["rows"] == 4
     assert paths["run_id"].to_dict() == {"e0": "r1", "e1": "r1", "e2": "r1", "e3": "r2"}
 
-    redone = reason.run(spark, s, run_id="r3")  # the default replaces the slice with this run's inputs
+    again = reason.run(spark, more, run_id="r2b")  # nothing missing: nothing generated, nothing written
+    assert again["generated"] == 0 and _merges(spark, s, "r2b") == 0 and len(_paths(spark, more)) == 4
+
+    redone = reason.run(spark, s, run_id="r3", force=True)  # force replaces the slice with this run's inputs
     paths = _paths(spark, s)
     assert redone["generated"] == 3 and sorted(paths.index) == ["e0", "e1", "e2"] and set(paths["run_id"]) == {"r3"}
 

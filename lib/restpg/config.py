@@ -89,6 +89,7 @@ class ReasonConfig:
     top_p: float = _f(0.95, "teacher nucleus sampling")
     copy_ngram: int = _f(8, "n of the n-gram overlap used to flag copying of the expected output")
     copy_threshold: float = _f(0.2, "share of the reasoning's n-grams found in y above which it is flagged")
+    chunk_examples: int = _f(32, "training inputs per committed chunk (a killed run keeps every finished chunk)")
 
 
 @dataclass
@@ -105,6 +106,7 @@ class JudgeConfig:
     reward: str = _f("llm", "'llm' (the paper's judge, criterion argmax / 10) or 'embedding' (cosine)")
     scores: list = _f([1, 3, 5, 7, 10], "criterion scores of the judge prompt")
     max_input_tokens: int = _f(4096, "judge prompt budget")
+    chunk_examples: int = _f(64, "examples (all their samples) per committed chunk (a killed run keeps every finished chunk)")
 
 
 @dataclass
@@ -154,6 +156,7 @@ class EvaluateConfig:
     top_p: float = _f(0.95, "nucleus top-p at evaluation")
     split: str = _f("test", "split evaluated")
     alpha: float = _f(0.05, "significance level of the paired t-test")
+    chunk_examples: int = _f(64, "examples per committed chunk of predictions and of scores (a killed run keeps every finished chunk)")
 
 
 @dataclass

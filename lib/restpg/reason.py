@@ -4,11 +4,14 @@ how this user's preferences and style lead to the expected output → `reasoning
 Written for the run's training inputs (`policy_inputs.training_inputs`, so `data.max_examples`
 caps the teacher's work too), at most `prompt.max_reasoning_tokens` tokens each: the same budget the
 policy gets for its reasoning. A path that copies the expected output is flagged, not dropped here;
-`sft_data` leaves flagged and empty paths out of the training data.
+`sft_data` leaves flagged and empty paths out of the training data. Paths are committed in chunks
+(insert-only MERGE on the slice's keys), so a killed run keeps its finished chunks and the rerun
+writes only the missing paths.
 """
 from __future__ import annotations
 
 import re
+import time
 from typing import Iterator
 
 import pandas as pd
@@ -16,7 +19,7 @@ import pandas as pd
 from restpg import catalog, prompts
 from restpg.config import Settings
 from restpg.policy_inputs import training_inputs, with_retrievals
-from restpg.tracking import say
+from restpg.tracking import progress, say
 
 _WORD = re.compile(r"\w+")
 
@@ -59,37 +62,61 @@ def path_slice(settings: Settings) -> dict:
             "template_version": prompts.template("teacher_reasoning").version}
 
 
-def run(spark, settings: Settings, *, run_id: str, resume: bool = False) -> dict:
-    """Teacher reasoning for every training input. By default the slice is replaced (a rerun after a
-    config change regenerates everything); `resume` keeps the slice's finished paths and writes only
-    the missing ones (insert-only MERGE), so an interrupted run does not pay for them twice."""
+def _reason_chunk(spark, settings: Settings, part, slice_: dict, run_id: str) -> int:
+    """Teacher paths of the examples in `part`, committed with an insert-only MERGE; the new version."""
     from pyspark.sql import functions as F
 
     from restpg import generation
 
-    cfg, slice_ = settings.reason, path_slice(settings)
-    examples = training_inputs(spark, settings).cache()
-    todo = examples
-    if resume and catalog.exists(spark, settings, "reasoning_paths"):
-        done = catalog.read_slice(spark, settings, "reasoning_paths", slice_).select("example_id")
-        todo = examples.join(done, "example_id", "left_anti")
+    cfg = settings.reason
     samples = generation.generate_df(
-        teacher_inputs(spark, settings, todo), slice_["teacher"], settings, m=1, temperature=cfg.temperature,
+        teacher_inputs(spark, settings, part), slice_["teacher"], settings, m=1, temperature=cfg.temperature,
         top_p=cfg.top_p, max_new_tokens=settings.prompt.max_reasoning_tokens, iteration=0, seed=settings.sample.seed,
         chat=True)
     n, threshold = cfg.copy_ngram, cfg.copy_threshold
     overlap = F.udf(lambda r, t: copy_overlap(r or "", t or "", n), "double")
-    out = (samples.join(todo.select("example_id", "task", "target"), "example_id")
+    out = (samples.join(part.select("example_id", "task", "target"), "example_id")
            .select("example_id", "task", F.lit(slice_["teacher"]).alias("teacher"),
                    F.lit(slice_["template_version"]).alias("template_version"),
                    F.trim("text").alias("reasoning"), overlap(F.col("text"), F.col("target")).alias("copy_overlap"),
                    "prompt_truncated", "n_tokens", "finished")
            .withColumn("copied", F.col("copy_overlap") > threshold)
            .withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
-    if resume:
-        written = catalog.merge(spark, settings, out, "reasoning_paths", run_id, slice_=slice_)
-    else:
-        written = catalog.replace_slice(spark, settings, out, "reasoning_paths", slice_, run_id)
+    return catalog.merge(spark, settings, out, "reasoning_paths", run_id, slice_=slice_)
+
+
+def missing_inputs(spark, settings: Settings, examples, slice_: dict) -> list[str]:
+    """Sorted ids of `examples` without a path in the slice (only ids come to the driver)."""
+    todo = examples.select("example_id")
+    if catalog.exists(spark, settings, "reasoning_paths"):
+        done = catalog.read_slice(spark, settings, "reasoning_paths", slice_).select("example_id")
+        todo = todo.join(done, "example_id", "left_anti")
+    return sorted(r.example_id for r in todo.collect())
+
+
+def run(spark, settings: Settings, *, run_id: str, force: bool = False) -> dict:
+    """Teacher reasoning for every training input, committed in chunks of `reason.chunk_examples`
+    (insert-only MERGE on the slice's keys): a rerun — after a kill, or with more inputs — writes only
+    the paths still missing, so an interrupted run does not pay for its finished chunks twice. `force`
+    empties the slice first (the pipeline forces when the teacher's config changed)."""
+    from pyspark.sql import functions as F
+
+    cfg, slice_ = settings.reason, path_slice(settings)
+    written = None
+    if force and catalog.exists(spark, settings, "reasoning_paths"):
+        empty = spark.createDataFrame([], catalog.spec("reasoning_paths").struct())
+        written = catalog.replace_slice(spark, settings, empty, "reasoning_paths", slice_, run_id)
+    examples = training_inputs(spark, settings).cache()
+    todo = missing_inputs(spark, settings, examples, slice_)
+    inputs = examples.count()
+    say(f"reason: {inputs} training inputs, {inputs - len(todo)} already have a path by {slice_['teacher']}")
+    started = time.time()
+    for start in range(0, len(todo), cfg.chunk_examples):
+        chunk = todo[start:start + cfg.chunk_examples]
+        written = _reason_chunk(spark, settings, examples.where(F.col("example_id").isin(chunk)), slice_, run_id)
+        progress("reason paths", start + len(chunk), len(todo), started)
+    if written is None:
+        written = catalog.version(spark, settings, "reasoning_paths")
     mine = (catalog.read_slice(spark, settings, "reasoning_paths", slice_)
             .join(examples.select("example_id"), "example_id"))
     stats = mine.agg(
@@ -99,7 +126,6 @@ def run(spark, settings: Settings, *, run_id: str, resume: bool = False) -> dict
         F.sum((~F.col("finished")).cast("int")).alias("at_length_cap"),
         F.sum(F.when(F.col("run_id") == run_id, 1).otherwise(0)).alias("generated"),
         F.avg("copy_overlap").alias("mean_copy_overlap")).first().asDict()
-    inputs = examples.count()
     examples.unpersist()
     stats = {k: (v if v is not None else 0) for k, v in stats.items()}
     if stats["copied"] or stats["empty"]:
