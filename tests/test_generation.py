@@ -171,3 +171,69 @@ def test_output_cap_gives_reasoning_its_own_budget(lm, settings, variant, reason
     rows = [s for row in samples for s in row]
     assert all(s.n_tokens <= cap for s in rows)
     assert any(not s.finished for s in rows) and all(s.n_tokens == cap for s in rows if not s.finished)
+
+
+# ---- budget forcing: reasoning ≤ R tokens, the separator, response ≤ S tokens ---------------------
+def test_reasoning_that_never_stops_gets_the_separator_at_its_budget(lm, settings):
+    model, tokenizer = lm  # random weights: it never writes the separator by itself
+    R, S = 5, 4
+    seeds = [[sample_seed(f"ex-{i}", j, 1, 0) for j in range(3)] for i in range(len(PROMPTS))]
+    samples, _ = sample(model, tokenizer, PROMPTS, seeds, temperature=1.0, top_p=1.0, max_new_tokens=S,
+                        reasoning_tokens=R)
+    separator = tokenizer(prompts.SEPARATOR, add_special_tokens=False).input_ids
+    for s in (s for row in samples for s in row):
+        reasoning, response, found = prompts.split_reasoning(s.text)
+        assert found and s.forced and reasoning
+        assert s.n_tokens <= R + len(separator) + S
+        assert s.finished or s.n_tokens == R + len(separator) + S  # a cut row spent both budgets exactly
+        out = prompts.parse_output("rest_pg", s.text, s.finished)
+        assert out.format_ok == s.finished and (out.format_issue is None or out.format_issue == prompts.LENGTH_CAP)
+    plain, _ = sample(model, tokenizer, PROMPTS, seeds, temperature=1.0, top_p=1.0, max_new_tokens=S)
+    assert all(not s.forced and s.n_tokens <= S for row in plain for s in row)
+    assert not any(prompts.split_reasoning(s.text)[2] for row in plain for s in row)
+
+
+def _feed(rows: generation.Rows, text: str, end: bool = False) -> list[int]:
+    """Feeds text's tokens to row 0 as its choices, as the decode loop does (it stops at `done`)."""
+    fed = []
+    for i in rows.tokenizer(text, add_special_tokens=False).input_ids:
+        if rows.done[0]:
+            return fed
+        fed.append(rows.take(0, i, False))
+    if end:
+        fed.append(rows.take(0, rows.tokenizer.eos_token_id, True))
+    return fed
+
+
+@pytest.mark.parametrize("ref", ["tiny", "gemma"])
+def test_separator_written_by_the_policy_starts_the_response_budget(ref, request, settings):
+    from helpers import GEMMA
+
+    if ref == "gemma":
+        request.applymarker(pytest.mark.slow)
+    tokenizer = models.load_tokenizer(request.getfixturevalue("tiny") if ref == "tiny" else GEMMA, settings)
+    rows = generation.Rows(tokenizer, 1, response_tokens=3, reasoning_tokens=50)
+    fed = _feed(rows, "The user writes short, warm reviews." + prompts.SEPARATOR)
+    assert not rows.reasoning[0] and not rows.forced[0] and not rows.done[0]
+    assert fed == rows.tokens[0]  # nothing was forced
+    _feed(rows, " Lovely kettle, boils in a minute and looks great")
+    assert rows.done[0] and not rows.finished[0]  # 3 response tokens, then cut at the response budget
+    assert len(rows.tokens[0]) - rows.response_start[0] == 3
+
+
+@pytest.mark.parametrize("ref", ["tiny", "gemma"])
+def test_end_of_sequence_before_the_separator_is_replaced_by_it(ref, request, settings):
+    from helpers import GEMMA
+
+    if ref == "gemma":
+        request.applymarker(pytest.mark.slow)
+    tokenizer = models.load_tokenizer(request.getfixturevalue("tiny") if ref == "tiny" else GEMMA, settings)
+    rows = generation.Rows(tokenizer, 1, response_tokens=20, reasoning_tokens=50)
+    _feed(rows, "Short and warm.", end=True)  # ends without ever writing the separator
+    assert rows.forced[0] and not rows.done[0]
+    while rows.queue[0]:  # the decoder feeds the rest of the separator whatever the model picks
+        rows.take(0, tokenizer.eos_token_id, True)
+    _feed(rows, "Great kettle.", end=True)
+    assert rows.finished[0] and rows.done[0]
+    out = prompts.parse_output("rest_pg", tokenizer.decode(rows.tokens[0], skip_special_tokens=True), True)
+    assert out.format_ok and out.reasoning == "Short and warm." and out.response == "Great kettle."

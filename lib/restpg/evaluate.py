@@ -57,9 +57,9 @@ def predict(spark, settings: Settings, variant: str, policy: str, split: str, ab
     cfg = settings.evaluate
     examples = catalog.read_slice(spark, settings, "examples", {"split": split})
     inputs = policy_prompts(spark, settings, examples, variant)
-    cap = generation.output_cap(settings, variant)
     out = generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=cap, iteration=-1, seed=settings.sample.seed)
+                                 top_p=cfg.top_p, iteration=-1, seed=settings.sample.seed,
+                                 **generation.limits(settings, variant))
     parse = F.udf(lambda text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)
     rows = (out.withColumn("parsed", parse("text", "finished"))
             .join(inputs.select("example_id", "template_version"), "example_id")
@@ -67,7 +67,7 @@ def predict(spark, settings: Settings, variant: str, policy: str, split: str, ab
             .select(F.lit(ablation).alias("ablation"), F.lit(variant).alias("variant"), F.lit(policy).alias("model_version"),
                     F.lit(split).alias("split"), "example_id", "task", "user_id", F.col("text").alias("raw_text"),
                     "parsed.reasoning", "parsed.response", "parsed.format_ok", "parsed.format_issue", "n_tokens",
-                    "finished", "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at")))
+                    "finished", "reasoning_forced", "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at")))
     return catalog.replace_slice(spark, settings, rows, "eval_predictions", {"ablation": ablation, "variant": variant, "split": split}, run_id)
 
 

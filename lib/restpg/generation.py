@@ -25,6 +25,7 @@ class Sample:
     text: str
     n_tokens: int  # generated tokens, end-of-sequence excluded
     finished: bool  # stopped at end-of-sequence before the length cap
+    forced: bool = False  # the separator was written by the decoder: the reasoning hit its budget or ended early
 
 
 @dataclass
@@ -56,6 +57,13 @@ def output_cap(settings: Settings, variant: str) -> int:
     """New-token cap of a variant's outputs (sampling, evaluation): its response budget, plus the
     reasoning budget and the separator for reasoning variants, never one budget shared by both."""
     return prompts.output_budget(variant, settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
+
+
+def limits(settings: Settings, variant: str) -> dict:
+    """The decoding budgets of a variant, as `sample`/`generate_df` keywords: plain variants get the
+    response budget; reasoning variants the reasoning budget, then the separator, then the response budget."""
+    reasoning = settings.prompt.max_reasoning_tokens if prompts.uses_reasoning(variant) else None
+    return {"max_new_tokens": settings.prompt.max_response_tokens, "reasoning_tokens": reasoning}
 
 
 def render_chat(tokenizer, text: str) -> str:
@@ -160,38 +168,80 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _sample_group(model, tokenizer, prompts, seeds, temperature, top_p, max_new_tokens, stats) -> list[list[Sample]]:
+class Rows:
+    """Per-row decoding state of a batch: tokens so far, which part each row is writing, its budgets.
+
+    A reasoning row writes its reasoning until the separator (detected in its decoded tail) or its
+    reasoning budget; at the budget, or at an end-of-sequence before any separator, the decoder writes
+    the separator itself (budget forcing, as s1 does for "Final Answer") and the row goes on with its
+    response budget. So reasoning and response never compete for one cap, and every reasoning output
+    has a response part to judge; `forced` records where the decoder stepped in.
+    """
+
+    def __init__(self, tokenizer, n: int, response_tokens: int, reasoning_tokens: int | None):
+        self.tokenizer, self.response_tokens, self.reasoning_tokens = tokenizer, response_tokens, reasoning_tokens
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.reasoning = [reasoning_tokens is not None] * n  # still writing the reasoning
+        self.queue: list[list[int]] = [[] for _ in range(n)]  # separator tokens still to force
+        self.response_start = [0] * n  # index of the first response token
+        self.finished, self.forced, self.done = [False] * n, [False] * n, [False] * n
+        self.separator = tokenizer(prompts.SEPARATOR, add_special_tokens=False).input_ids
+        self.marker = prompts.SEPARATOR.strip()
+        self.tail = len(self.separator) + 4  # decoded tail long enough to hold the marker
+
+    def take(self, r: int, token: int, is_end: bool) -> int:
+        """Records the token row r chose (or the one forced on it) and returns what it feeds next."""
+        forcing = bool(self.queue[r])
+        if not forcing and self.reasoning[r] and (is_end or len(self.tokens[r]) >= self.reasoning_tokens):
+            self.forced[r], self.queue[r], forcing = True, list(self.separator), True
+        if forcing:
+            token, is_end = self.queue[r].pop(0), False
+        if is_end:
+            self.finished[r] = self.done[r] = True
+            return token
+        self.tokens[r].append(token)
+        if self.reasoning[r] and (not self.queue[r] if forcing else self._wrote_marker(r)):
+            self.reasoning[r], self.response_start[r] = False, len(self.tokens[r])
+        if not self.reasoning[r] and len(self.tokens[r]) - self.response_start[r] >= self.response_tokens:
+            self.done[r] = True  # response budget spent: cut, not finished
+        return token
+
+    def _wrote_marker(self, r: int) -> bool:
+        return self.marker in self.tokenizer.decode(self.tokens[r][-self.tail:], skip_special_tokens=True)
+
+
+def _sample_group(model, tokenizer, prompts, seeds, temperature, top_p, max_new_tokens, reasoning_tokens,
+                  stats) -> list[list[Sample]]:
     m = len(seeds[0])
     generators = [torch.Generator().manual_seed(s) for row in seeds for s in row]
     state = prefill(model, tokenizer, prompts, m)
     stats.prefill_passes += 1
     stop = torch.tensor(sorted(eos_ids(model, tokenizer)), device=model.device)
-    tokens: list[list[int]] = [[] for _ in generators]
-    finished = [False] * len(generators)
-    for t in range(max_new_tokens):
+    rows = Rows(tokenizer, len(generators), max_new_tokens, reasoning_tokens)
+    while max_new_tokens > 0:
         chosen = choose_tokens(state.logits, [generators[r] for r in state.rows], temperature, top_p)
-        ended = torch.isin(chosen, stop)
-        for r, tok, end in zip(state.rows, chosen.tolist(), ended.tolist()):
-            if end:
-                finished[r] = True
-            else:
-                tokens[r].append(tok)
-        if ended.all() or t == max_new_tokens - 1:
+        ended = torch.isin(chosen, stop).tolist()
+        fed = [rows.take(r, tok, end) for r, tok, end in zip(state.rows, chosen.tolist(), ended)]
+        live = [i for i, r in enumerate(state.rows) if not rows.done[r]]
+        if not live:
             break
-        if ended.any():
-            live = (~ended).nonzero().squeeze(1)
-            keep_rows(state, live)
-            chosen = chosen[live]
-        step(model, state, chosen)
+        if len(live) < len(state.rows):
+            keep_rows(state, torch.tensor(live, device=model.device))
+        step(model, state, torch.tensor([fed[i] for i in live], device=model.device))
         stats.decode_passes += 1
-    stats.new_tokens += sum(len(t) for t in tokens)
-    out = [Sample(tokenizer.decode(t, skip_special_tokens=True), len(t), f) for t, f in zip(tokens, finished)]
+    stats.new_tokens += sum(len(t) for t in rows.tokens)
+    out = [Sample(tokenizer.decode(t, skip_special_tokens=True), len(t), f, forced)
+           for t, f, forced in zip(rows.tokens, rows.finished, rows.forced)]
     return [out[i * m:(i + 1) * m] for i in range(len(prompts))]
 
 
 def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temperature: float, top_p: float,
-           max_new_tokens: int, max_rows: int = 64) -> tuple[list[list[Sample]], SamplingStats]:
-    """len(seeds[i]) samples of prompts[i] (one per seed); one prefill per group of max_rows // m prompts."""
+           max_new_tokens: int, reasoning_tokens: int | None = None,
+           max_rows: int = 64) -> tuple[list[list[Sample]], SamplingStats]:
+    """len(seeds[i]) samples of prompts[i] (one per seed); one prefill per group of max_rows // m prompts.
+
+    `max_new_tokens` caps the response; with `reasoning_tokens` each output is a reasoning of at most
+    that many tokens, the separator, then the response (see `Rows`)."""
     stats = SamplingStats(prompts=len(prompts))
     if not prompts:
         return [], stats
@@ -200,7 +250,7 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temp
     for start in range(0, len(prompts), per_group):
         end = start + per_group
         results += _sample_group(model, tokenizer, prompts[start:end], seeds[start:end], temperature, top_p,
-                                 max_new_tokens, stats)
+                                 max_new_tokens, reasoning_tokens, stats)
     return results, stats
 
 
@@ -247,7 +297,7 @@ class SamplingJob:
                          sum(truncated), stats.new_tokens, stats.prefill_passes)
                 out = pd.DataFrame([
                     {self.id_col: i, "sample_index": j, "seed": seeds[k][j], "text": s.text, "n_tokens": s.n_tokens,
-                     "finished": s.finished, "prompt_truncated": truncated[k]}
+                     "finished": s.finished, "reasoning_forced": s.forced, "prompt_truncated": truncated[k]}
                     for k, i in enumerate(ids) for j, s in enumerate(samples[k])
                 ])
                 if self.with_worker_info:
@@ -256,9 +306,11 @@ class SamplingJob:
 
 
 def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: float, top_p: float,
-                max_new_tokens: int, iteration: int, seed: int, prompt_col: str = "prompt",
+                max_new_tokens: int, iteration: int, seed: int, reasoning_tokens: int | None = None,
+                prompt_col: str = "prompt",
                 id_col: str = "example_id", chat: bool = False, max_rows: int = 64, with_worker_info: bool = False):
-    """m samples per row → rows (id, sample_index 0..m-1, seed, text, n_tokens, finished, prompt_truncated).
+    """m samples per row → rows (id, sample_index 0..m-1, seed, text, n_tokens, finished, reasoning_forced,
+    prompt_truncated). Budgets as in `sample`.
 
     `prompt_col` is either the rendered prompt (string, used as is) or a struct (head, items, tail) that is
     fitted to `settings.prompt.max_input_tokens` with the model's own tokenizer on the executor (and
@@ -275,10 +327,11 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     else:
         columns = [F.col(prompt_col).alias("prompt")]
     schema = (f"`{id_col}` string, sample_index int, seed long, text string, n_tokens int, finished boolean, "
-              "prompt_truncated boolean" + (", worker_pid int, worker_loads int" if with_worker_info else ""))
+              "reasoning_forced boolean, prompt_truncated boolean" + (", worker_pid int, worker_loads int" if with_worker_info else ""))
     job = SamplingJob(
         ref=ref, env=models.worker_env(settings), id_col=id_col, m=m, iteration=iteration, seed=seed,
-        params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "max_rows": max_rows},
+        params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "reasoning_tokens": reasoning_tokens, "max_rows": max_rows},
         chat=chat, budget=settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,
         with_worker_info=with_worker_info,
     )

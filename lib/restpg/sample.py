@@ -75,9 +75,11 @@ def _format_stats(spark, settings: Settings, slice_: dict) -> dict:
               .agg(F.grouping("format_issue").alias("total"), F.count("*").alias("rows"),
                    F.countDistinct("example_id").alias("examples"),
                    F.sum(F.col("has_separator").cast("int")).alias("with_separator"),
-                   F.sum(F.col("finished").cast("int")).alias("finished")).collect())
+                   F.sum(F.col("finished").cast("int")).alias("finished"),
+                   F.sum(F.col("reasoning_forced").cast("int")).alias("reasoning_forced")).collect())
     total = next((g for g in groups if g.total), None)
-    stats = {k: (total[k] if total else 0) or 0 for k in ("rows", "examples", "with_separator", "finished")}
+    stats = {k: (total[k] if total else 0) or 0
+             for k in ("rows", "examples", "with_separator", "finished", "reasoning_forced")}
     issues = dict.fromkeys(prompts.FORMAT_ISSUES, 0)
     issues.update({g.format_issue: g.rows for g in groups if not g.total and g.format_issue is not None})
     ok = sum(g.rows for g in groups if not g.total and g.format_issue is None)
@@ -85,7 +87,7 @@ def _format_stats(spark, settings: Settings, slice_: dict) -> dict:
 
 
 def _sample_chunk(spark, settings: Settings, inputs, chunk: list[str], *, variant: str, iteration: int, policy: str,
-                  cap: int, run_id: str) -> tuple[int, int, int]:
+                  run_id: str) -> tuple[int, int, int]:
     """Sample and commit one chunk of examples; (rows made, tokens made, table version)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -96,11 +98,12 @@ def _sample_chunk(spark, settings: Settings, inputs, chunk: list[str], *, varian
     part = inputs.where(F.col("example_id").isin(chunk))
     samples = generation.generate_df(
         part.select("example_id", "prompt"), policy, settings, m=cfg.m, temperature=cfg.temperature,
-        top_p=cfg.top_p, max_new_tokens=cap, iteration=iteration, seed=cfg.seed)
+        top_p=cfg.top_p, iteration=iteration, seed=cfg.seed, **generation.limits(settings, variant))
     rows = (with_parse(samples.join(part.select("example_id", "task", "template_version"), "example_id"), variant)
             .select(F.lit(variant).alias("variant"), F.lit(iteration).alias("iteration"), "example_id", "task",
                     "sample_index", "seed", F.lit(policy).alias("policy_version"), F.col("text").alias("raw_text"),
                     "reasoning", "response", "has_separator", "format_ok", "format_issue", "n_tokens", "finished",
+                    "reasoning_forced",
                     "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
             .persist(StorageLevel.MEMORY_AND_DISK))  # sampled once, however often the merge reads its source
     try:
@@ -115,7 +118,7 @@ def _sample_chunk(spark, settings: Settings, inputs, chunk: list[str], *, varian
 def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str, policy: str | None = None,
         force: bool = False) -> dict:
     """Sample m outputs per training input from the slice's policy (default: registry.sampling_policy)
-    with at most prompts.output_budget new tokens; `force` re-samples the whole slice."""
+    within the variant's budgets (`generation.limits`); `force` re-samples the whole slice."""
     from pyspark.sql import functions as F
 
     from restpg import generation, models, registry
@@ -144,7 +147,7 @@ def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str,
             for start in range(0, len(todo), cfg.chunk_examples):
                 made, made_tokens, version = _sample_chunk(
                     spark, settings, inputs, todo[start:start + cfg.chunk_examples], variant=variant,
-                    iteration=iteration, policy=policy, cap=cap, run_id=run_id)
+                    iteration=iteration, policy=policy, run_id=run_id)
                 tokens, sampled_rows = tokens + made_tokens, sampled_rows + made
                 rate = tokens / max(time.time() - started, 1e-9)
                 progress(f"sample {variant} t={iteration} [{rate:.0f} tokens/s] rows", sampled_rows, len(todo) * cfg.m, started)

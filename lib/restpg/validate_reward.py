@@ -183,8 +183,8 @@ def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows:
     prompts_df = policy_prompts(spark, settings, gen_df, variant)
     cfg = settings.evaluate
     out = generation.generate_df(prompts_df.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=generation.output_cap(settings, variant),
-                                 iteration=-2, seed=settings.sample.seed)
+                                 top_p=cfg.top_p, iteration=-2, seed=settings.sample.seed,
+                                 **generation.limits(settings, variant))
     respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", bool(finished)).response, "string")
     truth = spark.createDataFrame([(r["example_id"], r["input"], r["target"]) for r in rows], "eid string, input string, target string")
     return (out.withColumn("eid", F.split("example_id", r"\|").getItem(1))
