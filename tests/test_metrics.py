@@ -233,15 +233,16 @@ def test_reward_histogram_png(tmp_path):
 
 
 def _predictions():
-    rows = [  # variant, format_ok, format_issue, n_tokens, reasoning, response
-        ("rest_pg", True, None, 10, "likes tea", "Great kettle"),
-        ("rest_pg", True, None, 14, "short sentences, warm tone", "Boils fast and quiet"),
-        ("rest_pg", False, "no_separator", 18, None, ""),
-        ("rest_pg", False, "length_cap", 18, "a long reasoning that never ends", ""),
-        ("sft", True, None, 5, None, "Nice one"),
-        ("sft", True, None, 7, None, ""),
+    rows = [  # variant, format_ok, format_issue, n_tokens, reasoning, response, reasoning_forced
+        ("rest_pg", True, None, 10, "likes tea", "Great kettle", False),
+        ("rest_pg", True, None, 14, "short sentences, warm tone", "Boils fast and quiet", True),
+        ("rest_pg", False, "no_separator", 18, None, "", False),
+        ("rest_pg", False, "length_cap", 18, "a long reasoning that never ends", "", True),
+        ("sft", True, None, 5, None, "Nice one", None),
+        ("sft", True, None, 7, None, "", None),
     ]
-    return pd.DataFrame(rows, columns=["variant", "format_ok", "format_issue", "n_tokens", "reasoning", "response"])
+    return pd.DataFrame(rows, columns=["variant", "format_ok", "format_issue", "n_tokens", "reasoning", "response",
+                                       "reasoning_forced"])
 
 
 @pytest.mark.parametrize("variant, key, expected", [
@@ -249,6 +250,8 @@ def _predictions():
     ("rest_pg", "format_ok_rate", 0.5),
     ("rest_pg", "format_issues", {"no_separator": 1, "empty_reasoning": 0, "empty_response": 0, "length_cap": 1}),
     ("rest_pg", "mean_generated_tokens", 15.0),
+    ("rest_pg", "reasoning_forced", 2),
+    ("sft", "reasoning_forced", 0),
     ("rest_pg", "mean_reasoning_words", 3.0),      # (2 + 4) / 2: format-ok outputs only
     ("rest_pg", "mean_response_words", 3.0),       # (2 + 4) / 2
     ("sft", "format_ok_rate", 1.0),
@@ -274,8 +277,8 @@ def test_format_output_report():
     lines = text.splitlines()
     assert "words" in lines[0] and "format_ok" in lines[1] and "length_cap" in lines[1]
     row = dict(zip(["variant", "outputs", "format_ok", "no_separator", "empty_reasoning", "empty_response", "length_cap",
-                    "gen_tokens", "reasoning_words", "response_words"], lines[3].split()))
+                    "forced_sep", "gen_tokens", "reasoning_words", "response_words"], lines[3].split()))
     assert row == {"variant": "rest_pg", "outputs": "4", "format_ok": "50.0%", "no_separator": "1", "empty_reasoning": "0",
-                   "empty_response": "0", "length_cap": "1", "gen_tokens": "15.0", "reasoning_words": "3.0",
-                   "response_words": "3.0"}
-    assert lines[2].split()[8] == "-"  # sft: no reasoning
+                   "empty_response": "0", "length_cap": "1", "forced_sep": "2", "gen_tokens": "15.0",
+                   "reasoning_words": "3.0", "response_words": "3.0"}
+    assert lines[2].split()[9] == "-"  # sft: no reasoning

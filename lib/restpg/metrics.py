@@ -293,8 +293,9 @@ def output_report(predictions) -> dict:
     prompts.FORMAT_ISSUES value, zeros included), `mean_generated_tokens` (policy tokens, end-of-sequence
     excluded, over all outputs), and `mean_reasoning_words` / `mean_response_words` (whitespace-separated
     words, over the format-ok outputs only: a failed output's response is empty by definition; None
-    when no output is ok). `predictions` has eval_predictions' variant, format_ok, format_issue,
-    n_tokens, reasoning and response columns."""
+    when no output is ok) and `reasoning_forced` (outputs whose separator the decoder wrote: the
+    reasoning reached its budget or ended early). `predictions` has eval_predictions' variant,
+    format_ok, format_issue, n_tokens, reasoning, response and (optionally) reasoning_forced columns."""
     from restpg.prompts import FORMAT_ISSUES
 
     report = {}
@@ -307,6 +308,8 @@ def output_report(predictions) -> dict:
             "outputs": int(len(g)),
             "format_ok_rate": float(len(ok) / len(g)) if len(g) else None,
             "format_issues": {**{issue: 0 for issue in FORMAT_ISSUES}, **{k: int(v) for k, v in issues.items()}},
+            "reasoning_forced": int(g["reasoning_forced"].fillna(False).astype(bool).sum())
+            if "reasoning_forced" in g else 0,
             "mean_generated_tokens": float(g["n_tokens"].mean()) if len(g) else None,
             "mean_reasoning_words": words(list(ok["reasoning"])) if ok["reasoning"].notna().any() else None,
             "mean_response_words": words(list(ok["response"])),
@@ -321,13 +324,14 @@ def format_output_report(report: dict) -> str:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    cols = ["outputs", "format_ok", *FORMAT_ISSUES, "gen_tokens", "reasoning_words", "response_words"]
+    cols = ["outputs", "format_ok", *FORMAT_ISSUES, "forced_sep", "gen_tokens", "reasoning_words", "response_words"]
     label_w = max(12, *(len(v) for v in report)) if report else 12
-    lines = ["Output format (words: whitespace-separated, over format-ok outputs; gen_tokens: policy tokens)",
+    lines = ["Output format (words: whitespace-separated, over format-ok outputs; gen_tokens: policy tokens; "
+             "forced_sep: separators the decoder wrote at the reasoning budget)",
              " " * label_w + "".join(c.rjust(max(10, len(c) + 2)) for c in cols)]
     for variant, r in report.items():
         cells = [str(r["outputs"]), num(r["format_ok_rate"], ".1%"), *(str(r["format_issues"].get(i, 0)) for i in FORMAT_ISSUES),
-                 num(r["mean_generated_tokens"], ".1f"), num(r["mean_reasoning_words"], ".1f"), num(r["mean_response_words"], ".1f")]
+                 str(r.get("reasoning_forced", 0)), num(r["mean_generated_tokens"], ".1f"), num(r["mean_reasoning_words"], ".1f"), num(r["mean_response_words"], ".1f")]
         lines.append(variant.ljust(label_w) + "".join(c.rjust(max(10, len(h) + 2)) for c, h in zip(cells, cols)))
     return "\n".join(lines)
 
