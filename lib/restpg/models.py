@@ -13,6 +13,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 from collections import Counter, OrderedDict
@@ -255,14 +257,39 @@ def cached_embedder(ref: str, settings: Settings):
     return _cached("embedder", ref, settings, load_embedder)
 
 
+def worker_threads(master: str, cores: int | None = None) -> int:
+    """Torch threads of each task of a local Spark master: the cores shared among its task slots
+    (local[2] on 2 cores: 1 each), since two workers of 2 threads on 2 cores fight over them and run
+    slower than two of 1. 0 (torch's default) for any other master: a cluster sizes its own executors."""
+    from restpg.runtime import on_databricks
+
+    found = re.fullmatch(r"local\[(\d+|\*)\]", master.strip())
+    if not found or on_databricks():
+        return 0
+    cores = cores or os.cpu_count() or 1
+    slots = cores if found.group(1) == "*" else int(found.group(1))
+    return max(1, cores // max(1, slots))
+
+
+def _use_worker_threads(n: int) -> None:
+    """Sets torch's threads inside a Spark task only; a driver's threads are its caller's business."""
+    from pyspark import TaskContext
+
+    if n and TaskContext.get() is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def worker_env(settings: Settings) -> dict:
     """The few settings a Spark executor needs to load models, small enough for a UDF closure."""
     tracking, registry = _mlflow_uris(settings)
     return {"home": str(settings.home_dir), "dtype": settings.models.dtype, "device": settings.models.device,
-            "cache_dir": str(cache_dir(settings)), "tracking_uri": tracking, "registry_uri": registry}
+            "cache_dir": str(cache_dir(settings)), "tracking_uri": tracking, "registry_uri": registry,
+            "torch_threads": worker_threads(settings.spark.master)}
 
 
 def worker_settings(env: dict) -> Settings:
-    """Settings rebuilt on an executor from `worker_env` (model loading only)."""
+    """Settings rebuilt on an executor from `worker_env` (model loading only); in a Spark task it also
+    gives torch the task's share of the cores."""
+    _use_worker_threads(env.get("torch_threads", 0))
     return Settings(home=env["home"], models=ModelsConfig(dtype=env["dtype"], device=env["device"], cache_dir=env["cache_dir"]),
                     mlflow=MlflowConfig(tracking_uri=env["tracking_uri"], registry_uri=env["registry_uri"]))
