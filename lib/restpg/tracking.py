@@ -61,8 +61,8 @@ def say(message: str) -> None:
 
 def progress(stage: str, done: int, total: int, started: float) -> None:
     elapsed = time.time() - started
-    eta = elapsed / done * (total - done) if done else float("nan")
-    say(f"{stage}: {done}/{total} ({100 * done / max(total, 1):.0f}%) elapsed {elapsed:.0f}s eta {eta:.0f}s")
+    eta = f"{elapsed / done * (total - done):.0f}s" if done else "unknown"
+    say(f"{stage}: {done}/{total} ({100 * done / max(total, 1):.0f}%) elapsed {elapsed:.0f}s eta {eta}")
 
 
 def dumps(obj) -> str:
