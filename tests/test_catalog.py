@@ -1,12 +1,30 @@
-"""Tables by name: reads without side effects, slices, one merge helper, lineage, concurrent writers."""
+"""Tables by name: reads without side effects, slices, one merge helper, lineage, concurrent writers.
+
+Every table test runs twice: on local Delta directories (`catalog.kind: path`) and on the Unity Catalog
+code path (`catalog.kind: uc`: three-part names, managed tables, `saveAsTable`, `DeltaTable.forName`)
+against Spark's session catalog, `spark_catalog.<schema>.<table>`.
+"""
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
 
-from helpers import rows_df, write_rows
+from helpers import make_settings, rows_df, write_rows
 from restpg import catalog
+from restpg.config import load_settings
+
+
+@pytest.fixture(params=["path", "uc"])
+def cat_settings(request, spark, tmp_path):
+    """Settings on a fresh home; for `uc` also a schema of its own in the session catalog."""
+    if request.param == "path":
+        yield make_settings(tmp_path / "home")
+        return
+    schema = f"uc_{uuid.uuid4().hex[:8]}"
+    yield make_settings(tmp_path / "home", "catalog.kind=uc", "catalog.catalog=spark_catalog", f"catalog.schema={schema}")
+    spark.sql(f"DROP SCHEMA IF EXISTS spark_catalog.{schema} CASCADE")
 
 
 def _traj(variant: str, iteration: int, n: int, text: str = "x") -> list[dict]:
@@ -14,15 +32,40 @@ def _traj(variant: str, iteration: int, n: int, text: str = "x") -> list[dict]:
              "raw_text": text} for i in range(n)]
 
 
-def test_reading_a_table_never_written_is_an_error_and_creates_nothing(spark, fresh_settings):
+def test_reading_a_table_never_written_is_an_error_and_creates_nothing(spark, cat_settings):
+    s = cat_settings
     with pytest.raises(catalog.TableNotFound, match="restpg sample"):
-        catalog.read(spark, fresh_settings, "trajectories")
-    assert not catalog.exists(spark, fresh_settings, "trajectories")
-    assert not (fresh_settings.home_dir / "warehouse" / "restpg" / "trajectories").exists()
+        catalog.read(spark, s, "trajectories")
+    assert not catalog.exists(spark, s, "trajectories")
+    assert not spark.catalog.tableExists(catalog.ref(s, "trajectories").fqn)
+    assert not (s.home_dir / "warehouse" / "restpg" / "trajectories").exists()
 
 
-def test_read_slice_and_replace_slice_touch_one_slice(spark, fresh_settings):
-    s = fresh_settings
+def test_uc_tables_are_managed_three_part_names(spark, cat_settings):
+    s = cat_settings
+    v = write_rows(spark, s, "trajectories", _traj("rest_pg", 1, 2))
+    r = catalog.ref(s, "trajectories")
+    detail = spark.sql(f"DESCRIBE DETAIL {r.fqn}").first()
+    if s.catalog.kind == "uc":
+        assert r.fqn == f"spark_catalog.{s.catalog.schema}.trajectories" and r.path is None
+        assert spark.sql(f"DESCRIBE TABLE EXTENDED {r.fqn}").where("col_name = 'Type'").first().data_type == "MANAGED"
+    else:
+        assert r.fqn == "restpg.trajectories" and detail.location.endswith(r.path)
+    assert detail.format == "delta" and detail.partitionColumns == ["variant", "iteration"]
+    assert spark.table(r.fqn).count() == 2 and catalog.version(spark, s, "trajectories") == v
+
+
+@pytest.mark.parametrize("field, value", [
+    ("catalog", "main; DROP TABLE x"), ("schema", "restpg`"), ("schema", "a.b"), ("catalog", "ca-t"), ("schema", ""),
+])
+def test_catalog_and_schema_names_are_checked_before_any_sql(field, value, tmp_path):
+    settings = load_settings("local", ["catalog.kind=uc", f"catalog.{field}={value}"], home=str(tmp_path))
+    with pytest.raises(ValueError, match="plain identifier"):
+        catalog.ref(settings, "examples")
+
+
+def test_read_slice_and_replace_slice_touch_one_slice(spark, cat_settings):
+    s = cat_settings
     write_rows(spark, s, "trajectories", _traj("rest_pg", 1, 3) + _traj("rest_em", 1, 2))
     write_rows(spark, s, "trajectories", _traj("rest_pg", 1, 1, "y"), {"variant": "rest_pg", "iteration": 1})
     assert catalog.read_slice(spark, s, "trajectories", {"variant": "rest_pg", "iteration": 1}).count() == 1
@@ -35,8 +78,8 @@ def test_slice_values_are_escaped_and_column_names_checked():
         catalog.predicate({"variant = 'x' OR 1": 1})
 
 
-def test_merge_inserts_new_keys_only_and_updates_on_request(spark, fresh_settings):
-    s = fresh_settings
+def test_merge_inserts_new_keys_only_and_updates_on_request(spark, cat_settings):
+    s = cat_settings
     catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_pg", 1, 2)), "trajectories", "r1")
     catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_pg", 1, 3, "new")), "trajectories", "r2",
                   slice_={"variant": "rest_pg", "iteration": 1})
@@ -46,17 +89,22 @@ def test_merge_inserts_new_keys_only_and_updates_on_request(spark, fresh_setting
     assert {r.example_id: r.raw_text for r in catalog.read(spark, s, "trajectories").collect()}["e0"] == "upd"
 
 
-def test_reads_and_writes_record_their_versions(spark, fresh_settings):
-    s = fresh_settings
+def test_reads_and_writes_record_their_versions(spark, cat_settings):
+    s = cat_settings
     catalog.lineage["read"].clear(), catalog.lineage["written"].clear()
     v = write_rows(spark, s, "trajectories", _traj("rest_pg", 1, 1))
     catalog.read(spark, s, "trajectories")
     assert catalog.lineage == {"read": {"trajectories": v}, "written": {"trajectories": v}}
 
 
-def test_two_writers_on_different_slices_at_once_lose_nothing(spark, fresh_settings):
-    s = fresh_settings
+def test_two_writers_on_different_slices_at_once_lose_nothing(spark, cat_settings):
+    """Two EM variants' stages at once (the bundle's for-each runs with concurrency): each merges chunks
+    into its slice of a partitioned table and replaces its slice of an unpartitioned one, interleaved
+    with the other; every row of both ends up there exactly once."""
+    s = cat_settings
     write_rows(spark, s, "trajectories", _traj("seed", 0, 1))
+    write_rows(spark, s, "eval_scores", [{"variant": "seed", "example_id": "s0"}])
+    retried_before = catalog.retried["count"]
     errors = []
 
     def writer(variant):
@@ -65,6 +113,10 @@ def test_two_writers_on_different_slices_at_once_lose_nothing(spark, fresh_setti
                 rows = [{**r, "example_id": f"{variant}-{chunk}-{r['example_id']}"} for r in _traj(variant, 1, 4)]
                 catalog.merge(spark, s, rows_df(spark, "trajectories", rows), "trajectories", variant,
                               slice_={"variant": variant, "iteration": 1})
+                scores = [{"variant": variant, "split": "test", "example_id": f"{variant}-{c}-{i}", "judge_score": float(c)}
+                          for c in range(chunk + 1) for i in range(2)]
+                catalog.replace_slice(spark, s, rows_df(spark, "eval_scores", scores), "eval_scores",
+                                      {"variant": variant}, run_id=variant)
         except Exception as e:  # noqa: BLE001 - the assertion below reports it
             errors.append(e)
 
@@ -74,6 +126,13 @@ def test_two_writers_on_different_slices_at_once_lose_nothing(spark, fresh_setti
     for t in threads:
         t.join()
     assert not errors, errors
-    for v in ("rest_em", "rest_pg"):
-        keys = {r.example_id for r in catalog.read_slice(spark, s, "trajectories", {"variant": v, "iteration": 1}).collect()}
-        assert keys == {f"{v}-{c}-e{i}" for c in range(3) for i in range(4)}
+    trajectories = [(r.variant, r.iteration, r.example_id) for r in catalog.read(spark, s, "trajectories").collect()]
+    assert sorted(trajectories) == sorted([("seed", 0, "e0")] + [(v, 1, f"{v}-{c}-e{i}") for v in ("rest_em", "rest_pg")
+                                                                 for c in range(3) for i in range(4)])
+    scores = [(r.variant, r.example_id, r.judge_score) for r in catalog.read(spark, s, "eval_scores").collect()]
+    assert sorted(scores) == sorted([("seed", "s0", 0.0)] + [(v, f"{v}-{c}-{i}", float(c)) for v in ("rest_em", "rest_pg")
+                                                             for c in range(3) for i in range(2)])
+    history = catalog._delta(spark, catalog.ref(s, "eval_scores")).history().collect()
+    assert sum(1 for h in history if h.operation in ("WRITE", "CREATE OR REPLACE TABLE AS SELECT", "REPLACE TABLE AS SELECT")
+               and '"slice": {"variant": "rest_' in (h.userMetadata or "")) == 6
+    print(f"conflicts retried: {catalog.retried['count'] - retried_before}")

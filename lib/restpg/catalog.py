@@ -2,13 +2,22 @@
 
 Locally a table is a Delta directory under ``$RESTPG_HOME/warehouse/<schema>/<name>`` registered in the
 session catalog as ``<schema>.<name>`` (so Spark SQL finds it by name); on Databricks it is the Unity
-Catalog table ``<catalog>.<schema>.<name>``. Writers go through `replace_slice` or `merge` here, which
-check the DataFrame against the declared schema first. Reads never create anything: a table no stage
-has written is an error. Every read and write records the table version in `lineage`.
+Catalog table ``<catalog>.<schema>.<name>`` (a managed table: ``saveAsTable`` / ``DeltaTable.forName``;
+locally the same path runs against Spark's session catalog, ``spark_catalog.<schema>.<name>``). Catalog
+and schema names are checked (``[A-Za-z0-9_]``) before any SQL is built from them. Writers go through
+`replace_slice` or `merge` here, which check the DataFrame against the declared schema first and retry
+on a concurrent writer's commit, so several stages may write one table at once. Reads never create
+anything: a table no stage has written is an error. Every read and write records the table version in
+`lineage`.
 """
 from __future__ import annotations
 
 import json
+import random
+import re
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -70,12 +79,38 @@ class TableRef:
     path: str | None  # Delta directory (local); None on Unity Catalog
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_]+")
+
+
+def identifier(value: str, what: str = "identifier") -> str:
+    """`value` if it is a plain SQL identifier (letters, digits, underscore), else an error: catalog,
+    schema and column names are spliced into SQL text, where quoting alone is not a defence."""
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a plain identifier (only A-Z, a-z, 0-9 and _)")
+    return value
+
+
+def namespace(settings: Settings) -> tuple[str, str]:
+    """(catalog, schema) the tables live in; local Delta directories are named in `spark_catalog`."""
+    c = settings.catalog
+    catalog = c.catalog if c.kind == "uc" else "spark_catalog"
+    return identifier(catalog, "catalog.catalog"), identifier(c.schema, "catalog.schema")
+
+
 def ref(settings: Settings, name: str) -> TableRef:
     spec(name)
-    c = settings.catalog
-    if c.kind == "uc":
-        return TableRef(name, f"{c.catalog}.{c.schema}.{name}", None)
-    return TableRef(name, f"{c.schema}.{name}", str(settings.home_dir / "warehouse" / c.schema / name))
+    catalog_, schema = namespace(settings)
+    if settings.catalog.kind == "uc":
+        return TableRef(name, f"{catalog_}.{schema}.{name}", None)
+    return TableRef(name, f"{schema}.{name}", str(settings.home_dir / "warehouse" / schema / name))
+
+
+def use_namespace(spark, settings: Settings) -> None:
+    """Make the tables' catalog and schema current, as a Databricks SQL editor does, so queries can
+    name tables alone (`SELECT count(*) FROM examples`)."""
+    catalog_, schema = namespace(settings)
+    spark.catalog.setCurrentCatalog(catalog_)
+    spark.catalog.setCurrentDatabase(schema)
 
 
 _registered: dict[str, str] = {}
@@ -86,7 +121,7 @@ def _register(spark, r: TableRef) -> None:
     if _registered.get(r.fqn) == r.path:
         return
     spark.sql(f"DROP TABLE IF EXISTS {r.fqn}")  # external table: drops the name, never the data
-    spark.sql(f"CREATE TABLE {r.fqn} USING DELTA LOCATION '{r.path}'")
+    spark.sql(f"CREATE TABLE {r.fqn} USING DELTA LOCATION {_literal(r.path)}")
     _registered[r.fqn] = r.path
 
 
@@ -96,7 +131,7 @@ def register_tables(spark, settings: Settings) -> None:
 
     if settings.catalog.kind == "uc":
         return
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {settings.catalog.schema}")
+    _create_schema(spark, settings)
     for name in TABLES:
         r = ref(settings, name)
         if DeltaTable.isDeltaTable(spark, r.path):
@@ -106,20 +141,42 @@ def register_tables(spark, settings: Settings) -> None:
             del _registered[r.fqn]
 
 
+def _create_schema(spark, settings: Settings) -> None:
+    """The schema, when missing (checked first: on Unity Catalog creating one needs a privilege that
+    writing into an existing one does not)."""
+    name = ".".join(namespace(settings))
+    if not spark.catalog.databaseExists(name):
+        spark.sql(f"CREATE SCHEMA IF NOT EXISTS {name}")
+
+
+# Creating and (re)registering a table name are catalog operations that two threads of one process
+# must not interleave (DROP + CREATE of the same name); writers in other processes meet in Delta's log.
+_catalog_lock = threading.Lock()
+
+
 def ensure(spark, settings: Settings, name: str) -> TableRef:
     """Create the table from its declared schema when missing (idempotent)."""
     from delta.tables import DeltaTable
 
     r, s = ref(settings, name), spec(name)
-    builder = DeltaTable.createIfNotExists(spark).addColumns(s.struct()).comment(s.description)
-    builder = builder.location(r.path) if r.path else builder.tableName(r.fqn)
-    if s.partition_by:
-        builder = builder.partitionedBy(*s.partition_by)
-    builder.property("delta.enableChangeDataFeed", "true").execute()
-    if r.path:
-        spark.sql(f"CREATE DATABASE IF NOT EXISTS {settings.catalog.schema}")
-        _register(spark, r)
+    with _catalog_lock:
+        _create_schema(spark, settings)
+        if r.path:
+            builder = (DeltaTable.createIfNotExists(spark).addColumns(s.struct()).comment(s.description)
+                       .location(r.path).partitionedBy(*s.partition_by))
+            _retrying(builder.property("delta.enableChangeDataFeed", "true").execute)
+            _register(spark, r)
+        else:  # DeltaTable's builder takes two-part names only; SQL takes the catalog's three
+            _retrying(lambda: spark.sql(_create_table_sql(r.fqn, s)))
     return r
+
+
+def _create_table_sql(fqn: str, s: TableSpec) -> str:
+    columns = ", ".join(f"`{c['name']}` {c['type']}{'' if c['nullable'] else ' NOT NULL'} COMMENT {_literal(c['comment'])}"
+                        for c in s.columns)
+    partitions = f" PARTITIONED BY ({', '.join(f'`{p}`' for p in s.partition_by)})" if s.partition_by else ""
+    return (f"CREATE TABLE IF NOT EXISTS {fqn} ({columns}) USING DELTA{partitions} COMMENT {_literal(s.description)}"
+            " TBLPROPERTIES ('delta.enableChangeDataFeed' = 'true')")
 
 
 class TableNotFound(LookupError):
@@ -211,8 +268,7 @@ def _literal(v) -> str:
 def predicate(slice_: dict, alias: str = "") -> str:
     """SQL predicate of a slice with literal values (column names checked, values escaped)."""
     for k in slice_:
-        if not k.replace("_", "").isalnum():
-            raise ValueError(f"not a column name: {k!r}")
+        identifier(k, "column name")
     prefix = f"{alias}." if alias else ""
     return " AND ".join(f"{prefix}`{k}` = {_literal(v)}" for k, v in slice_.items()) or "true"
 
@@ -221,39 +277,87 @@ def _save(writer, r: TableRef):
     return writer.save(r.path) if r.path else writer.saveAsTable(r.fqn)
 
 
-def _written(spark, settings: Settings, name: str) -> int:
-    v = _version(spark, ref(settings, name))
+def _conflicts() -> tuple:
+    """Delta's optimistic-concurrency failures: another writer committed first; retrying re-reads the log."""
+    from delta import exceptions as e
+
+    return (e.ConcurrentAppendException, e.ConcurrentDeleteReadException, e.ConcurrentDeleteDeleteException,
+            e.ConcurrentTransactionException, e.ConcurrentWriteException, e.MetadataChangedException,
+            e.ProtocolChangedException)
+
+
+RETRIES = 8
+retried = {"count": 0}  # conflicts retried by this process (the concurrency test reads it)
+
+
+def _retrying(commit):
+    """Run `commit` until no concurrent writer beats it. Every write here is idempotent (a slice
+    overwrite or a keyed merge), so running it again after a conflict cannot duplicate rows."""
+    for attempt in range(RETRIES):
+        try:
+            return commit()
+        except _conflicts():
+            if attempt == RETRIES - 1:
+                raise
+            retried["count"] += 1
+            time.sleep(random.uniform(0.05, 0.2) * 2 ** attempt)
+
+
+def _metadata(run_id: str, slice_: dict) -> str:
+    """userMetadata of one commit; `commit` finds this write's version among concurrent ones."""
+    return json.dumps({"run_id": run_id, "slice": slice_, "commit": uuid.uuid4().hex})
+
+
+def _written(spark, settings: Settings, name: str, metadata: str) -> int:
+    from pyspark.sql import functions as F
+
+    history = _delta(spark, ref(settings, name)).history(50)
+    v = int(history.where(F.col("userMetadata") == metadata).select(F.max("version")).first()[0])
     lineage["written"][name] = v
     return v
 
 
 def replace_slice(spark, settings: Settings, df, name: str, slice_: dict, run_id: str) -> int:
-    """Atomically replace exactly `slice_` (e.g. variant + iteration) with `df`; returns the new version."""
+    """Atomically replace exactly `slice_` (e.g. variant + iteration) with `df`; returns the new version.
+    On a partitioned table a slice of partition columns never conflicts with writers of other slices."""
     r = ensure(spark, settings, name)
     df = conform(df, name)
+    metadata = _metadata(run_id, slice_)
     writer = (df.write.format("delta").mode("overwrite").option("replaceWhere", predicate(slice_))
-              .option("userMetadata", json.dumps({"run_id": run_id, "slice": slice_})))
-    _save(writer, r)
-    return _written(spark, settings, name)
+              .option("userMetadata", metadata))
+    _retrying(lambda: _save(writer, r))
+    return _written(spark, settings, name, metadata)
+
+
+# A merge can only tag its commit through the session conf, which every thread of the session shares:
+# one merge at a time per process carries its own tag.
+_merge_lock = threading.Lock()
 
 
 def merge(spark, settings: Settings, df, name: str, run_id: str, *, slice_: dict | None = None,
           keys: tuple | None = None, update: bool = False) -> int:
     """MERGE on the table's keys: insert rows whose keys are new (re-runs never duplicate); with
-    `update`, replace rows whose keys exist. `slice_` (literal values) confines the merge to one slice,
-    so two writers on different slices of one table never conflict."""
+    `update`, replace rows whose keys exist. `slice_` (literal values) confines the merge to one slice:
+    on partition columns Delta then sees no conflict with writers of other slices; anything that still
+    conflicts is retried."""
     r = ensure(spark, settings, name)
     df = conform(df, name)
     keys = keys or spec(name).keys
-    cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+    cond = " AND ".join(f"t.`{identifier(k, 'key')}` = s.`{k}`" for k in keys)
     if slice_:
         cond = f"{predicate(slice_, 't')} AND {cond}"
-    builder = _delta(spark, r).alias("t").merge(df.alias("s"), cond)
-    if update:
-        builder = builder.whenMatchedUpdateAll()
-    spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps({"run_id": run_id, "slice": slice_ or {}}))
-    try:
-        builder.whenNotMatchedInsertAll().execute()
-    finally:
-        spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
-    return _written(spark, settings, name)
+    metadata = _metadata(run_id, slice_ or {})
+
+    def commit():
+        builder = _delta(spark, r).alias("t").merge(df.alias("s"), cond)
+        if update:
+            builder = builder.whenMatchedUpdateAll()
+        with _merge_lock:
+            spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", metadata)
+            try:
+                builder.whenNotMatchedInsertAll().execute()
+            finally:
+                spark.conf.unset("spark.databricks.delta.commitInfo.userMetadata")
+
+    _retrying(commit)
+    return _written(spark, settings, name, metadata)
