@@ -96,7 +96,7 @@ def user_texts(examples):
     from pyspark.sql import functions as F
 
     train = examples.where(F.col("split") == "train")
-    authored = F.udf(authored_text, "string")
+    authored = F.udf(lambda task, text, fields: authored_text(task, text, fields), "string")
     items = (train.select("task", "user_id", F.explode("profile").alias("it"))
              .select("task", "user_id", F.col("it.item_id").alias("text_id"), F.col("it.text").alias("text"),
                      authored("task", F.col("it.text"), F.col("it.fields")).alias("style_text"),
