@@ -1,10 +1,19 @@
 -- Databricks notebook source
 -- MAGIC %md
 -- MAGIC # Evaluation: Table 1 and significance
--- MAGIC Per-task means and the macro average (mean of the task means) from `restpg.eval_summary`, paired
--- MAGIC two-tailed t-tests between systems from `restpg.eval_tests`, per-example scores from
--- MAGIC `restpg.eval_scores`, and the promotion decisions in `restpg.promotions`. `ablation = ''` is the
+-- MAGIC Per-task means and the macro average (mean of the task means) from `eval_summary`, paired
+-- MAGIC two-tailed t-tests between systems from `eval_tests`, per-example scores from
+-- MAGIC `eval_scores`, and the promotion decisions in `promotions`. `ablation = ''` is the
 -- MAGIC main table; other values are ablation settings.
+
+-- COMMAND ----------
+
+-- Parameters: the catalog and schema the tables live in (Databricks widgets; locally
+-- `restpg notebook run FILE --catalog spark_catalog --schema restpg`, the defaults of the local profile)
+CREATE WIDGET TEXT catalog DEFAULT 'main';
+CREATE WIDGET TEXT schema DEFAULT 'restpg';
+USE CATALOG IDENTIFIER(:catalog);
+USE SCHEMA IDENTIFIER(:schema)
 
 -- COMMAND ----------
 
@@ -12,7 +21,7 @@
 SELECT *
 FROM (
   SELECT ablation, split, metric, variant, task, round(mean, 4) AS mean
-  FROM restpg.eval_summary
+  FROM eval_summary
 )
 PIVOT (
   first(mean) FOR task IN (
@@ -32,7 +41,7 @@ ORDER BY ablation, split, metric,
 -- Judge score per task and variant (main table)
 -- chart: bar x=task y=mean series=variant title="Judge score per task (macro = mean of task means)"
 SELECT task, variant, mean, n
-FROM restpg.eval_summary
+FROM eval_summary
 WHERE metric = 'judge_score' AND ablation = ''
 ORDER BY CASE WHEN task = 'macro' THEN 1 ELSE 0 END, task, variant
 
@@ -44,7 +53,7 @@ SELECT ablation, split, metric, task, variant_a, variant_b,
        round(mean_b, 4) AS mean_b,
        round(relative_gain * 100, 2) AS relative_gain_pct,
        t_stat, p_value, significant, n
-FROM restpg.eval_tests
+FROM eval_tests
 ORDER BY ablation, split, metric,
          CASE WHEN variant_a = 'rest_pg' THEN 0 ELSE 1 END, variant_a, variant_b,
          CASE WHEN task = 'all' THEN 1 ELSE 0 END, task
@@ -54,7 +63,7 @@ ORDER BY ablation, split, metric,
 -- Relative gain of REST-PG in judge score over each baseline, per task
 -- chart: bar x=task y=relative_gain_pct series=variant_b title="REST-PG relative gain in judge score (%)"
 SELECT task, variant_b, round(relative_gain * 100, 2) AS relative_gain_pct, p_value, significant, n
-FROM restpg.eval_tests
+FROM eval_tests
 WHERE variant_a = 'rest_pg' AND metric = 'judge_score' AND ablation = ''
 ORDER BY CASE WHEN task = 'all' THEN 1 ELSE 0 END, task, variant_b
 
@@ -63,7 +72,7 @@ ORDER BY CASE WHEN task = 'all' THEN 1 ELSE 0 END, task, variant_b
 -- Distribution of per-example judge scores per variant (main table)
 -- chart: bar x=score_bucket y=examples series=variant title="Per-example judge scores"
 SELECT variant, round(floor(judge_score * 10) / 10, 1) AS score_bucket, count(*) AS examples
-FROM restpg.eval_scores
+FROM eval_scores
 WHERE ablation = ''
 GROUP BY ALL
 ORDER BY score_bucket, variant
@@ -81,7 +90,7 @@ SELECT variant, task, count(*) AS outputs,
        round(avg(n_tokens), 1) AS mean_generated_tokens,
        round(avg(CASE WHEN format_ok AND reasoning IS NOT NULL THEN size(filter(split(reasoning, '\\s+'), w -> w != '')) END), 1) AS mean_reasoning_words,
        round(avg(CASE WHEN format_ok THEN size(filter(split(response, '\\s+'), w -> w != '')) END), 1) AS mean_response_words
-FROM restpg.eval_predictions
+FROM eval_predictions
 WHERE ablation = ''
 GROUP BY ALL
 ORDER BY variant, task
@@ -92,7 +101,7 @@ ORDER BY variant, task
 -- chart: bar x=ablation y=macro_judge_score series=variant title="Macro judge score per ablation"
 SELECT CASE WHEN ablation = '' THEN '(main)' ELSE ablation END AS ablation, variant, split,
        mean AS macro_judge_score, n
-FROM restpg.eval_summary
+FROM eval_summary
 WHERE task = 'macro' AND metric = 'judge_score'
 ORDER BY ablation, variant
 
@@ -104,5 +113,5 @@ SELECT created_at, model_name, candidate_version, candidate_variant, champion_ve
        round(candidate_score, 4) AS candidate_score, round(champion_score, 4) AS champion_score, p_value, n_paired,
        baseline_variant, baseline_version, round(baseline_score, 4) AS baseline_score, baseline_p_value,
        reason, dry_run, run_id
-FROM restpg.promotions
+FROM promotions
 ORDER BY created_at DESC

@@ -1,8 +1,8 @@
 -- Databricks notebook source
 -- MAGIC %md
 -- MAGIC # Rewards of the self-training loop
--- MAGIC What the E-step sampled (`restpg.trajectories`), how the judge rewarded it (`restpg.judge_scores`),
--- MAGIC and what the filter kept for the M-step (`restpg.training_sets`).
+-- MAGIC What the E-step sampled (`trajectories`), how the judge rewarded it (`judge_scores`),
+-- MAGIC and what the filter kept for the M-step (`training_sets`).
 -- MAGIC
 -- MAGIC Rewards are `score / 10` under the LLM judge (the paper keeps outputs with reward ≥ τ = 1.0, i.e. the
 -- MAGIC judge's top criterion) or a cosine under the local embedding reward, which needs its own τ: read the
@@ -13,6 +13,15 @@
 
 -- COMMAND ----------
 
+-- Parameters: the catalog and schema the tables live in (Databricks widgets; locally
+-- `restpg notebook run FILE --catalog spark_catalog --schema restpg`, the defaults of the local profile)
+CREATE WIDGET TEXT catalog DEFAULT 'main';
+CREATE WIDGET TEXT schema DEFAULT 'restpg';
+USE CATALOG IDENTIFIER(:catalog);
+USE SCHEMA IDENTIFIER(:schema)
+
+-- COMMAND ----------
+
 -- Reward histogram per EM iteration and task
 -- chart: bar x=reward_bucket y=n series=run facet=task title="Reward histogram per EM iteration"
 SELECT task,
@@ -20,7 +29,7 @@ SELECT task,
        reward_kind,
        round(floor(reward * 10) / 10, 1) AS reward_bucket,
        count(*) AS n
-FROM restpg.judge_scores
+FROM judge_scores
 GROUP BY ALL
 ORDER BY task, reward_bucket, run
 
@@ -35,7 +44,7 @@ SELECT concat(j.variant, ' / it ', j.iteration) AS run,
        avg(CASE WHEN j.reward >= g.tau THEN 1 ELSE 0 END) AS output_pass_rate,
        count(DISTINCT CASE WHEN j.reward >= g.tau THEN j.example_id END) / count(DISTINCT j.example_id) AS input_coverage,
        count(*) AS outputs
-FROM restpg.judge_scores j CROSS JOIN grid g
+FROM judge_scores j CROSS JOIN grid g
 GROUP BY ALL
 ORDER BY run, g.tau
 
@@ -48,7 +57,7 @@ SELECT concat(variant, ' / it ', iteration) AS run,
        CAST(floor(reasoning_chars / 200) * 200 AS INT) AS reasoning_chars_bucket,
        avg(reward) AS mean_reward,
        count(*) AS n
-FROM restpg.judge_scores
+FROM judge_scores
 GROUP BY ALL
 ORDER BY run, reasoning_chars_bucket
 
@@ -67,9 +76,9 @@ SELECT e.user_id,
        min(j.reward) AS min_reward,
        max(j.reward) AS max_reward,
        avg(t.n_tokens) AS mean_tokens
-FROM restpg.judge_scores j
-JOIN restpg.examples e ON e.example_id = j.example_id
-LEFT JOIN restpg.trajectories t
+FROM judge_scores j
+JOIN examples e ON e.example_id = j.example_id
+LEFT JOIN trajectories t
   ON t.variant = j.variant AND t.iteration = j.iteration AND t.example_id = j.example_id AND t.sample_index = j.sample_index
 GROUP BY ALL
 ORDER BY reward_variance DESC NULLS LAST, e.user_id
@@ -81,8 +90,8 @@ LIMIT 100
 -- chart: bar x=stddev_bucket y=users series=run title="Users by standard deviation of their rewards"
 WITH per_user AS (
   SELECT e.user_id, concat(j.variant, ' / it ', j.iteration) AS run, coalesce(stddev_samp(j.reward), 0.0) AS sd
-  FROM restpg.judge_scores j
-  JOIN restpg.examples e ON e.example_id = j.example_id
+  FROM judge_scores j
+  JOIN examples e ON e.example_id = j.example_id
   GROUP BY ALL
 )
 SELECT run, round(floor(sd * 20) / 20, 2) AS stddev_bucket, count(*) AS users
@@ -95,12 +104,12 @@ ORDER BY stddev_bucket, run
 -- Share of reward variance between users rather than within them (the personalization signal)
 WITH per_user AS (
   SELECT concat(j.variant, ' / it ', j.iteration) AS run, e.user_id, avg(j.reward) AS user_mean
-  FROM restpg.judge_scores j JOIN restpg.examples e ON e.example_id = j.example_id
+  FROM judge_scores j JOIN examples e ON e.example_id = j.example_id
   GROUP BY ALL
 ),
 total AS (
   SELECT concat(variant, ' / it ', iteration) AS run, var_pop(reward) AS total_variance, count(*) AS outputs
-  FROM restpg.judge_scores GROUP BY ALL
+  FROM judge_scores GROUP BY ALL
 )
 SELECT p.run, count(*) AS users, t.outputs, t.total_variance,
        var_pop(p.user_mean) AS between_user_variance,
@@ -115,7 +124,7 @@ ORDER BY p.run
 -- chart: bar x=criterion y=mean_probability series=run title="Mean judge probability per score criterion"
 WITH c AS (
   SELECT variant, iteration, example_id, sample_index, criterion, exp(logprob) AS p
-  FROM restpg.judge_scores
+  FROM judge_scores
   LATERAL VIEW explode(criterion_logprobs) cl AS criterion, logprob
   WHERE criterion_logprobs IS NOT NULL
 ),
@@ -143,7 +152,7 @@ SELECT concat(variant, ' / it ', iteration) AS run,
        avg(n_tokens) AS mean_tokens,
        avg(length(reasoning)) AS mean_reasoning_chars,
        avg(length(response)) AS mean_response_chars
-FROM restpg.trajectories
+FROM trajectories
 GROUP BY ALL
 ORDER BY run
 
@@ -160,7 +169,7 @@ SELECT variant,
        count(*) AS outputs,
        count(*) / sum(count(*)) OVER (PARTITION BY variant, iteration, reward_kind) AS share,
        avg(reward) AS mean_reward
-FROM restpg.judge_scores
+FROM judge_scores
 GROUP BY variant, iteration, reward_kind, format_issue
 ORDER BY variant, iteration, reward_kind, format
 
@@ -169,7 +178,7 @@ ORDER BY variant, iteration, reward_kind, format
 -- The sampled outputs of an input side by side with their rewards (the 20 inputs with the widest reward range)
 WITH spread AS (
   SELECT variant, iteration, example_id, max(reward) - min(reward) AS reward_range
-  FROM restpg.judge_scores
+  FROM judge_scores
   GROUP BY ALL
   ORDER BY reward_range DESC, example_id
   LIMIT 20
@@ -177,10 +186,10 @@ WITH spread AS (
 SELECT s.variant, s.iteration, s.example_id, s.reward_range, j.sample_index, j.reward,
        substr(t.response, 1, 300) AS response, substr(e.target, 1, 300) AS expected
 FROM spread s
-JOIN restpg.judge_scores j ON j.variant = s.variant AND j.iteration = s.iteration AND j.example_id = s.example_id
-JOIN restpg.trajectories t
+JOIN judge_scores j ON j.variant = s.variant AND j.iteration = s.iteration AND j.example_id = s.example_id
+JOIN trajectories t
   ON t.variant = j.variant AND t.iteration = j.iteration AND t.example_id = j.example_id AND t.sample_index = j.sample_index
-JOIN restpg.examples e ON e.example_id = s.example_id
+JOIN examples e ON e.example_id = s.example_id
 ORDER BY s.reward_range DESC, s.example_id, j.reward DESC, j.sample_index
 
 -- COMMAND ----------
@@ -195,7 +204,7 @@ SELECT variant,
        count(*) / count(DISTINCT example_id) AS mean_rows_per_input,
        avg(weight) AS mean_weight,
        min(weight) AS min_weight
-FROM restpg.training_sets
+FROM training_sets
 GROUP BY ALL
 ORDER BY iteration, variant
 
@@ -211,7 +220,7 @@ SELECT reward_kind,
        n,
        slope,
        fit
-FROM restpg.reward_validation
+FROM reward_validation
 WHERE `check` = 'shuffle'
 ORDER BY reward_kind, shuffled_percent
 
@@ -220,6 +229,6 @@ ORDER BY reward_kind, shuffled_percent
 -- Direct check: reward of the user's own text against the same user's other texts and another user's
 -- chart: bar x=setting y=mean_reward series=reward_kind title="Direct reward check"
 SELECT reward_kind, judge_model, setting, mean_reward, n, fit
-FROM restpg.reward_validation
+FROM reward_validation
 WHERE `check` = 'direct'
 ORDER BY reward_kind, setting

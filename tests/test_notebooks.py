@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from restpg import catalog, metrics, notebooks
+from restpg import catalog, cli, metrics, notebooks
 from restpg.config import load_settings
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -27,6 +27,23 @@ def test_parse_cells(text, kinds, titles):
     cells = notebooks.parse_cells(text)
     assert [c.kind for c in cells] == kinds and [c.title for c in cells] == titles
     assert [c.number for c in cells] == list(range(1, len(cells) + 1))
+
+
+def test_parameter_cells_are_recognised():
+    text = ("-- Databricks notebook source\n-- MAGIC %md\n-- MAGIC # T\n-- COMMAND ----------\n"
+            "-- Parameters\nCREATE WIDGET TEXT catalog DEFAULT 'main';\nCREATE WIDGET TEXT schema DEFAULT \"restpg\";\n"
+            "USE CATALOG IDENTIFIER(:catalog);\nUSE SCHEMA IDENTIFIER(:schema)\n-- COMMAND ----------\n"
+            "USE CATALOG main;\nSELECT 1\n")
+    assert [c.kind for c in notebooks.parse_cells(text)] == ["markdown", "parameters", "sql"]
+
+
+def test_shipped_notebooks_name_no_schema():
+    """Catalog and schema come from the parameter cell; the queries name tables alone."""
+    for path in sorted(NOTEBOOK_DIR.glob("*.sql")):
+        cells = notebooks.parse_cells(path.read_text())
+        assert [c.kind for c in cells[:2]] == ["markdown", "parameters"], path.name
+        sql = "\n".join(c.text for c in cells if c.kind == "sql")
+        assert "restpg." not in sql and "main." not in sql, path.name
 
 
 def test_parse_cells_chart_and_statements():
@@ -169,7 +186,9 @@ def ran(spark, tables, tmp_path_factory):
     """Every notebook in notebooks/, run once: {notebook stem: (path, results)} and the output dir."""
     out = tmp_path_factory.mktemp("notebook-out")
     paths = sorted(NOTEBOOK_DIR.glob("*.sql"))
-    return {p.stem: (p, notebooks.run_notebook(spark, p, out)) for p in paths}, out
+    params = notebooks.parameters(tables)
+    assert params == {"catalog": "spark_catalog", "schema": "restpg"}
+    return {p.stem: (p, notebooks.run_notebook(spark, p, out, params)) for p in paths}, out
 
 
 def test_every_notebook_runs(ran):
@@ -228,3 +247,44 @@ def test_chart_on_missing_column_fails(spark, tables, tmp_path):
     bad.write_text("-- Databricks notebook source\n-- chart: bar x=a y=nope\nSELECT 1 AS a, 2 AS b\n")
     with pytest.raises(notebooks.NotebookError, match="cell 1.*nope"):
         notebooks.run_notebook(spark, bad, tmp_path)
+
+
+PARAMETERISED = ("-- Databricks notebook source\n-- COMMAND ----------\nCREATE WIDGET TEXT catalog DEFAULT 'main';\n"
+                 "CREATE WIDGET TEXT schema DEFAULT 'restpg';\nUSE CATALOG IDENTIFIER(:catalog);\n"
+                 "USE SCHEMA IDENTIFIER(:schema)\n-- COMMAND ----------\n-- count\nSELECT count(*) AS n FROM examples\n")
+
+
+def test_parameters_choose_the_schema_and_are_checked(spark, tables, tmp_path):
+    """The same notebook reads whichever schema it is given; the session's namespace is left as it was."""
+    nb = tmp_path / "count.sql"
+    nb.write_text(PARAMETERISED)
+    spark.sql("CREATE SCHEMA IF NOT EXISTS spark_catalog.nb_other")
+    spark.sql("CREATE OR REPLACE TABLE spark_catalog.nb_other.examples (example_id STRING) USING DELTA")
+    spark.sql("INSERT INTO spark_catalog.nb_other.examples VALUES ('a'), ('b')")
+    try:
+        before = spark.catalog.currentCatalog(), spark.catalog.currentDatabase()
+        counts = {}
+        for schema in ("restpg", "nb_other"):
+            (r,) = notebooks.run_notebook(spark, nb, tmp_path / schema, {"catalog": "spark_catalog", "schema": schema})
+            counts[schema] = int(pd.read_csv(r["csv"]).n[0])
+        assert counts == {"restpg": len(_examples()), "nb_other": 2}
+        assert (spark.catalog.currentCatalog(), spark.catalog.currentDatabase()) == before
+        with pytest.raises(ValueError, match="plain identifier"):
+            notebooks.run_notebook(spark, nb, tmp_path / "bad", {"catalog": "spark_catalog", "schema": "restpg; DROP"})
+        assert (spark.catalog.currentCatalog(), spark.catalog.currentDatabase()) == before
+    finally:
+        spark.sql("DROP SCHEMA spark_catalog.nb_other CASCADE")
+
+
+def test_sql_command_uses_the_profile_namespace_and_errors_in_one_line(spark, tables, capsys):
+    home = str(tables.home_dir)
+    try:
+        assert cli.main(["sql", "--home", home, "--format", "csv", "SELECT count(*) AS n FROM examples"]) == 0
+        assert capsys.readouterr().out.split() == ["n", str(len(_examples()))]
+        assert cli.main(["sql", "--home", home, "SELECT no_such_column FROM examples"]) == 1
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("restpg sql: [UNRESOLVED_COLUMN"), captured.err
+        assert "no_such_column" in lines[0] and "\tat " not in captured.out + captured.err
+    finally:
+        spark.catalog.setCurrentDatabase("default")

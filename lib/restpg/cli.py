@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output JSON-lines path (default $RESTPG_HOME/demo/demo.jsonl)")
     p.add_argument("--users", type=int, default=None, help="users per task (default from the profile)")
 
-    p = sub.add_parser("sql", help="run Spark SQL against the tables by name (restpg.<table>)")
+    p = sub.add_parser("sql", help="run Spark SQL with the tables' catalog and schema current (SELECT ... FROM examples)")
     _common(p)
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["run"])
     p.add_argument("file")
     p.add_argument("--out", default=None)
+    p.add_argument("--catalog", default=None, help="the notebook's catalog parameter (default: the profile's; spark_catalog locally)")
+    p.add_argument("--schema", default=None, help="the notebook's schema parameter (default: catalog.schema)")
 
     p = sub.add_parser("config", help="list every setting with its default and help")
     _common(p)
@@ -162,14 +164,39 @@ def _tool(command: str, args, settings) -> int:
 
     spark = get_spark(settings)
     if command == "sql":
-        _print_df(spark.sql(args.query).limit(args.limit).toPandas(), args.format)
-        return 0
+        return _sql(spark, settings, args)
     from pathlib import Path
 
     from restpg import notebooks
 
+    defaults = notebooks.parameters(settings)
+    params = {"catalog": args.catalog or defaults["catalog"], "schema": args.schema or defaults["schema"]}
     out = args.out or str(settings.home_dir / "reports" / "notebooks")
-    print(json.dumps({"cells": notebooks.run_notebook(spark, Path(args.file), out), "out": out}, indent=1, default=str))
+    print(json.dumps({"cells": notebooks.run_notebook(spark, Path(args.file), out, params), "out": out}, indent=1, default=str))
+    return 0
+
+
+def _sql(spark, settings, args) -> int:
+    """One query with the tables' catalog and schema current, as in a Databricks SQL editor. A query
+    error is one line on stderr (its error class and message), not a JVM stack trace."""
+    from pyspark.errors import PySparkException
+    from pyspark.logger import PySparkLogger
+
+    from restpg import catalog
+
+    catalog.use_namespace(spark, settings)
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):  # they print the stack trace
+        PySparkLogger.getLogger(name).disabled = True
+    try:
+        pdf = spark.sql(args.query).limit(args.limit).toPandas()
+    except PySparkException as e:
+        message = (e.getMessage() or str(e)).strip().splitlines()[0]
+        condition = e.getCondition()
+        if condition and not message.startswith(f"[{condition}]"):
+            message = f"[{condition}] {message}"
+        print(f"restpg sql: {message}", file=sys.stderr)
+        return 1
+    _print_df(pdf, args.format)
     return 0
 
 

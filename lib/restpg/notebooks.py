@@ -10,6 +10,18 @@ declare a chart in a comment line::
 kinds: bar, line, scatter; x and y are required, series (one line / bar group per value), facet (one
 panel per value) and title are optional. Statements in one cell are separated by a ``;`` at the end
 of a line; the last statement's result is the cell's result.
+
+Catalog and schema are notebook parameters, never written into the SQL: a parameter cell declares
+them as Databricks widgets and makes them current, and the queries name tables alone::
+
+    CREATE WIDGET TEXT catalog DEFAULT 'main';
+    CREATE WIDGET TEXT schema DEFAULT 'restpg';
+    USE CATALOG IDENTIFIER(:catalog);
+    USE SCHEMA IDENTIFIER(:schema)
+
+On Databricks the widgets fill the parameters; here `run_notebook(..., params=...)` does (`restpg
+notebook run --catalog --schema`), and open-source Spark's missing `USE CATALOG` is done through the
+session's catalog API.
 """
 from __future__ import annotations
 
@@ -22,6 +34,8 @@ HEADER = "-- Databricks notebook source"
 SEPARATOR = "-- COMMAND ----------"
 CHART_KINDS = ("bar", "line", "scatter")
 _CHART = re.compile(r"^\s*--\s*chart:\s*(\S+)\s*(.*)$")
+_WIDGET = re.compile(r"CREATE\s+WIDGET\s+TEXT\s+(\w+)\s+DEFAULT\s+(['\"])([^'\"]*)\2", re.I)
+_USE = re.compile(r"USE\s+(CATALOG|SCHEMA)\s+IDENTIFIER\(\s*:(\w+)\s*\)", re.I)
 
 
 class NotebookError(RuntimeError):
@@ -41,7 +55,7 @@ class Chart:
 @dataclass
 class Cell:
     number: int            # 1-based position in the notebook, markdown cells included
-    kind: str              # 'sql' | 'markdown' | 'magic' (another %language, not run here)
+    kind: str              # 'sql' | 'parameters' (widgets, USE) | 'markdown' | 'magic' (another %language, not run here)
     text: str              # SQL, or the markdown without the MAGIC prefixes
     chart: Chart | None = None
     title: str = ""
@@ -98,12 +112,45 @@ def parse_cells(text: str) -> list[Cell]:
             kind = "markdown" if content.lstrip().startswith("%md") else "magic"
             cells.append(Cell(number, kind, content))
             continue
+        statements = _statements(body)
+        if statements and all(_parameter_statement(st) for st in statements):
+            cells.append(Cell(number, "parameters", body, statements=statements))
+            continue
         chart = next((c for c in map(parse_chart, body.splitlines()) if c), None)
         comments = [ln.strip()[2:].strip() for ln in nonblank
                     if ln.strip().startswith("--") and not _CHART.match(ln)]
         title = (chart.title if chart and chart.title else "") or (comments[0] if comments else "")
-        cells.append(Cell(number, "sql", body, chart, title, _statements(body)))
+        cells.append(Cell(number, "sql", body, chart, title, statements))
     return cells
+
+
+def _code(statement: str) -> str:
+    return "\n".join(ln for ln in statement.splitlines() if not ln.strip().startswith("--")).strip()
+
+
+def _parameter_statement(statement: str):
+    code = _code(statement)
+    return _WIDGET.fullmatch(code) or _USE.fullmatch(code)
+
+
+def _apply_parameters(spark, cell: Cell, params: dict) -> None:
+    """Declare widgets (a given parameter wins over the default) and make catalog / schema current."""
+    from restpg.catalog import identifier
+
+    for statement in cell.statements:
+        code = _code(statement)
+        widget = _WIDGET.fullmatch(code)
+        if widget:
+            params.setdefault(widget.group(1), widget.group(3))
+            continue
+        level, name = _USE.fullmatch(code).groups()
+        if name not in params:
+            raise NotebookError(f"cell {cell.number} uses :{name}, which no widget declares and no parameter gives")
+        value = identifier(params[name], f"notebook parameter {name}")
+        if level.upper() == "CATALOG":
+            spark.catalog.setCurrentCatalog(value)
+        else:
+            spark.catalog.setCurrentDatabase(value)
 
 
 def _slug(text: str) -> str:
@@ -169,14 +216,32 @@ def _num(v) -> float:
         return float("nan")
 
 
-def run_notebook(spark, path, out_dir, max_rows: int = 100_000) -> list[dict]:
-    """Execute every SQL cell of the notebook at `path`; CSV per cell and PNG per declared chart
-    under ``<out_dir>/<notebook>/``; PNGs are logged to the active MLflow run, if any."""
-    path = Path(path)
-    target = Path(out_dir) / path.stem
+def parameters(settings) -> dict:
+    """The notebooks' catalog and schema parameters for a profile's tables."""
+    from restpg.catalog import namespace
+
+    return dict(zip(("catalog", "schema"), namespace(settings)))
+
+
+def run_notebook(spark, path, out_dir, params: dict | None = None, max_rows: int = 100_000) -> list[dict]:
+    """Execute every SQL cell of the notebook at `path` with `params` (e.g. catalog and schema) in place
+    of its widgets; CSV per cell and PNG per declared chart under ``<out_dir>/<notebook>/``; PNGs are
+    logged to the active MLflow run, if any. The session's current catalog and schema are restored."""
+    previous = spark.catalog.currentCatalog(), spark.catalog.currentDatabase()
+    try:
+        return _run_cells(spark, Path(path), Path(out_dir), dict(params or {}), max_rows)
+    finally:
+        spark.catalog.setCurrentCatalog(previous[0])
+        spark.catalog.setCurrentDatabase(previous[1])
+
+
+def _run_cells(spark, path: Path, out_dir: Path, params: dict, max_rows: int) -> list[dict]:
+    target = out_dir / path.stem
     target.mkdir(parents=True, exist_ok=True)
     results = []
     for cell in parse_cells(path.read_text()):
+        if cell.kind == "parameters":
+            _apply_parameters(spark, cell, params)
         if cell.kind != "sql":
             continue
         try:
@@ -202,11 +267,11 @@ def run_notebook(spark, path, out_dir, max_rows: int = 100_000) -> list[dict]:
     return results
 
 
-def run_notebooks(spark, notebook_dir, out_dir) -> list[dict]:
+def run_notebooks(spark, notebook_dir, out_dir, params: dict | None = None) -> list[dict]:
     """Every ``*.sql`` notebook in `notebook_dir`, in name order."""
     results = []
     for path in sorted(Path(notebook_dir).glob("*.sql")):
-        results += run_notebook(spark, path, out_dir)
+        results += run_notebook(spark, path, out_dir, params)
     return results
 
 

@@ -163,7 +163,7 @@ def _notebooks(spark, s: Settings, steps: Steps) -> str:
         catalog.ensure(spark, s, table)
     catalog.register_tables(spark, s)
     steps.run("notebooks", "", {"files": sorted(f.name for f in src.glob("*.sql"))}, list(steps.fingerprints),
-              fn=lambda rid, _: {"cells": len(notebooks.run_notebooks(spark, src, out)), "out": str(out)})
+              fn=lambda rid, _: {"cells": len(notebooks.run_notebooks(spark, src, out, notebooks.parameters(s))), "out": str(out)})
     return str(out)
 
 
