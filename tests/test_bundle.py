@@ -193,6 +193,34 @@ def test_bundle_settings():
         assert set(target.get("variables") or {}) <= declared, f"target {name} sets an undeclared variable"
 
 
+# Databricks ML runtimes the code supports (release notes): Spark and MLflow they ship.
+SUPPORTED_RUNTIMES = {"17.3": ("4.0.0", "3.0.1"), "18.0": ("4.1.0", "3.8.1"), "19.0": ("4.2.0", "3.12.0")}
+
+
+def _runtime(spark_version: str) -> str:
+    m = re.fullmatch(r"(\d+\.\d+|\d+)\.x-(gpu|cpu)-ml-scala2\.13", spark_version)
+    assert m, f"{spark_version}: not a Scala 2.13 ML runtime (Spark 4 runtimes are Scala 2.13)"
+    return m.group(1) if "." in m.group(1) else f"{m.group(1)}.0"
+
+
+@pytest.mark.parametrize("target", ["dev", "prod"])
+def test_bundle_runtime_is_the_one_test_compat_checks(target):
+    """Every cluster runs a supported Spark 4 / MLflow 3 ML runtime, and the GPU and CPU clusters the
+    same release: the lowest supported one, whose pyspark / delta-spark / mlflow versions
+    requirements-compat.txt pins for `make test-compat`."""
+    compat = (ROOT / "requirements-compat.txt").read_text()
+    lowest = re.search(r"^# runtime: ([\d.]+)$", compat, re.M).group(1)
+    assert lowest == min(SUPPORTED_RUNTIMES, key=lambda r: tuple(map(int, r.split("."))))
+    pins = dict(re.findall(r"^([\w-]+)==([\w.]+)", compat, re.M))
+    spark, mlflow = SUPPORTED_RUNTIMES[lowest]
+    assert pins["pyspark"] == spark and pins["mlflow"] == mlflow and pins["delta-spark"].startswith(spark[:4])
+    variables = _variables(target)
+    assert {_runtime(variables["spark_version"]), _runtime(variables["cpu_spark_version"])} == {lowest}
+    assert "gpu-ml" in variables["spark_version"] and "cpu-ml" in variables["cpu_spark_version"]
+    versions = set(re.findall(r"'spark_version': '([^']+)'", str(_jobs(target))))
+    assert versions and {_runtime(v) for v in versions} == {lowest}
+
+
 @pytest.mark.parametrize("target", ["dev", "prod"])
 def test_jobs_load_as_databricks_bundles_jobs(target):
     from databricks.bundles.jobs import Job
