@@ -242,18 +242,28 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tokenizer, tmp_p
     cfg = small_cfg(steps=8, eval_every=2, checkpoint_every=3, log_every=1, lr=1e-2)
     rows = featurize(tokenizer, 6)
     select = heldout_reward(tokenizer, featurize(tokenizer, 10)[6:])
-    whole = make_model(tokenizer)
-    expected = trainer.fit(whole, rows, cfg, pad_id=0, select=select)
+    whole, whole_losses = make_model(tokenizer), {}
 
-    store = checkpoints.ResumeStore(tmp_path / "resume")
+    def losses_into(curve):
+        return lambda m, step: curve.__setitem__(step, m["loss"]) if "loss" in m else None
+
+    expected = trainer.fit(whole, rows, cfg, pad_id=0, select=select, log_metrics=losses_into(whole_losses))
+
+    store, interrupted_losses = checkpoints.ResumeStore(tmp_path / "resume"), {}
     with pytest.raises(trainer.TrainingInterrupted):
-        trainer.fit(make_model(tokenizer), rows, cfg, pad_id=0, select=select, store=store, stop_after_steps=5)
+        trainer.fit(make_model(tokenizer), rows, cfg, pad_id=0, select=select, store=store, stop_after_steps=5,
+                    log_metrics=losses_into(interrupted_losses))
     assert [p.name for p in (tmp_path / "resume").iterdir()] == ["state-00000003"]  # the latest state only
     (tmp_path / "resume" / ".tmp-killed-while-saving").mkdir()  # a save that never finished is ignored
-    resumed_model, seen = make_model(tokenizer), []
+    resumed_model, resumed_losses = make_model(tokenizer), {}
     resumed = trainer.fit(resumed_model, rows, cfg, pad_id=0, select=select, store=store,
-                          log_metrics=lambda m, step: seen.append(step) if "loss" in m else None)
-    assert resumed.resumed_from == 3 and seen == [4, 5, 6, 7, 8]  # steps 4 and 5 redone, 1-3 not
+                          log_metrics=losses_into(resumed_losses))
+    assert resumed.resumed_from == 3 and sorted(resumed_losses) == [4, 5, 6, 7, 8]  # steps 4 and 5 redone, 1-3 not
+    # the loss curve of the interrupted job (steps 1-3 before the kill, 4-8 after) is the uninterrupted one
+    stitched = {**{k: v for k, v in interrupted_losses.items() if k <= 3}, **resumed_losses}
+    assert sorted(stitched) == sorted(whole_losses) == list(range(1, 9))
+    assert [stitched[k] for k in range(1, 9)] == pytest.approx([whole_losses[k] for k in range(1, 9)], rel=1e-4)
+    assert [resumed_losses[k] for k in (4, 5)] == pytest.approx([interrupted_losses[k] for k in (4, 5)], rel=1e-4)
     assert resumed.final_loss == pytest.approx(expected.final_loss, rel=1e-4)
     assert resumed.first_loss == pytest.approx(expected.first_loss, rel=1e-6)
     assert [s for s, _ in resumed.curve] == [s for s, _ in expected.curve] == [0, 2, 4, 6, 8]

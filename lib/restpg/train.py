@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Iterator
 
 import torch
 
@@ -28,19 +29,21 @@ def start_ref(settings: Settings, variant: str, iteration: int) -> str:
     return registry.sampling_policy(settings, variant, iteration)
 
 
-def read_rows(spark, settings: Settings, variant: str, iteration: int) -> tuple[int, list[tuple[str, str, float]]]:
+def read_rows(spark, settings: Settings, variant: str, iteration: int) -> tuple[int, Iterator[tuple[str, str, float]]]:
     """(Delta version read, (prompt, completion, weight) of the slice's rows with weight > 0, in a
-    fixed order). Rows of weight 0 are left out: they would cost compute and change nothing."""
+    fixed order). Rows of weight 0 are left out: they would cost compute and change nothing. The rows
+    stream to the driver one partition at a time (`toLocalIterator`), so the caller can tokenize them
+    as they arrive instead of holding the whole slice's text at once."""
     from pyspark.sql import functions as F
 
     version = catalog.version(spark, settings, "training_sets")
     rows = (catalog.read_slice(spark, settings, "training_sets", {"variant": variant, "iteration": iteration}, version=version)
             .where(F.col("weight") > 0).orderBy("example_id", "sample_index")
-            .select("prompt", "completion", "weight").collect())
-    if not rows:
+            .select("prompt", "completion", "weight"))
+    if rows.limit(1).count() == 0:
         raise ValueError(f"training_sets has no rows with weight > 0 for variant={variant!r} iteration={iteration} "
                          f"(table version {version}); run the stage that builds this slice first")
-    return version, [(r.prompt, r.completion, r.weight) for r in rows]
+    return version, ((r.prompt, r.completion, r.weight) for r in rows.toLocalIterator())
 
 
 def _check_active_run(run_id: str) -> None:
@@ -68,7 +71,7 @@ def run(spark, settings: Settings, *, variant: str, iteration: int = 0, run_id: 
     cap = generation.output_cap(settings, variant)
     data = featurize(tokenizer, rows, max_prompt_tokens=settings.prompt.max_input_tokens, max_completion_tokens=cap)
     if not data.features:
-        raise ValueError(f"all {len(rows)} rows of training_sets variant={variant!r} iteration={iteration} have "
+        raise ValueError(f"all {data.dropped_too_long} rows of training_sets variant={variant!r} iteration={iteration} have "
                          f"completions longer than the output budget of {cap} tokens (longest {data.longest_dropped}); "
                          "raise prompt.max_response_tokens / prompt.max_reasoning_tokens or rebuild the slice")
     sample = selection.selection_sample(spark, settings, variant)

@@ -27,7 +27,7 @@ def pick_device(kind: str) -> tuple[torch.device, str]:
             import torch_xla
 
             return torch_xla.device(), "xla"
-        except Exception as e:  # noqa: BLE001 - any failure to start the runtime means "no XLA here"
+        except (ImportError, RuntimeError) as e:  # not installed, or its PJRT runtime did not start: no XLA here
             log.warning("torch_xla could not start (%s); training without XLA", e)
             kind = "cuda"
     if kind == "cuda":
