@@ -150,15 +150,25 @@ def keep_rows(state: DecodeState, keep: torch.Tensor) -> None:
     state.rows = [state.rows[i] for i in keep.tolist()]
 
 
+NUCLEUS_K = 256  # most probable tokens ranked per step; the whole vocabulary only when a nucleus is wider
+
+
 def choose_tokens(logits: torch.Tensor, generators: list, temperature: float, top_p: float) -> torch.Tensor:
-    """Greedy at temperature 0, else nucleus sampling with one uniform draw per row from its own generator."""
+    """Greedy at temperature 0, else nucleus sampling with one uniform draw per row from its own generator.
+
+    The nucleus is a prefix of the tokens by falling probability, so ranking the NUCLEUS_K most probable
+    (a partial selection) picks the same token as ranking the whole vocabulary (a full sort, several
+    times slower per step at a 49k vocabulary) whenever they hold top_p of the mass; else it sorts all."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    full = torch.softmax(logits / temperature, dim=-1)
+    probs, order = full.topk(min(NUCLEUS_K, full.shape[-1]), dim=-1)
+    if probs.shape[-1] < full.shape[-1] and bool((probs.sum(-1) < top_p).any()):
+        probs, order = full.sort(dim=-1, descending=True)
     probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the nucleus; the top token always stays
     cumulative = probs.cumsum(-1)
     draws = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)
-    picked = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
+    picked = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)
     return order.gather(1, picked).squeeze(1)
 
 
