@@ -56,7 +56,7 @@ def test_uc_tables_are_managed_three_part_names(spark, cat_settings):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("catalog", "main; DROP TABLE x"), ("schema", "restpg`"), ("schema", "a.b"), ("catalog", "ca-t"), ("schema", ""),
+    ("catalog", "main; DROP TABLE x"), ("schema", "restpg`"), ("schema", "a.b"), ("catalog", "ca-t"), ("schema", "my schema"),
 ])
 def test_catalog_and_schema_names_are_checked_before_any_sql(field, value, tmp_path):
     settings = load_settings("local", ["catalog.kind=uc", f"catalog.{field}={value}"], home=str(tmp_path))
@@ -87,6 +87,15 @@ def test_merge_inserts_new_keys_only_and_updates_on_request(spark, cat_settings)
     assert rows == {"e0": "x", "e1": "x", "e2": "new"}  # insert-only: existing keys keep their rows
     catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_pg", 1, 1, "upd")), "trajectories", "r3", update=True)
     assert {r.example_id: r.raw_text for r in catalog.read(spark, s, "trajectories").collect()}["e0"] == "upd"
+
+
+def test_merging_nothing_new_returns_the_standing_version(spark, cat_settings):
+    """An empty source or only existing keys (a re-run, an ingest without bad records) commits nothing."""
+    s = cat_settings
+    v = catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_pg", 1, 2)), "trajectories", "r1")
+    assert catalog.merge(spark, s, rows_df(spark, "trajectories", []), "trajectories", "r2") == v
+    assert catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_pg", 1, 2)), "trajectories", "r3") == v
+    assert catalog.read(spark, s, "trajectories").count() == 2
 
 
 def test_reads_and_writes_record_their_versions(spark, cat_settings):
