@@ -312,7 +312,9 @@ def _written(spark, settings: Settings, name: str, metadata: str) -> int:
     from pyspark.sql import functions as F
 
     history = _delta(spark, ref(settings, name)).history(50)
-    v = int(history.where(F.col("userMetadata") == metadata).select(F.max("version")).first()[0])
+    mine, latest = history.select(F.max(F.when(F.col("userMetadata") == metadata, F.col("version"))),
+                                  F.max("version")).first()
+    v = int(latest if mine is None else mine)  # a merge of nothing new commits nothing: the table stands as it was
     lineage["written"][name] = v
     return v
 
