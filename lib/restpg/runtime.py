@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from restpg.config import Settings
 
@@ -55,14 +56,45 @@ def mlflow_uris(settings: Settings) -> tuple[str, str]:
     return tracking, settings.mlflow.registry_uri or tracking
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached or written: nothing has been run."""
+
+
+def check_tracking(settings: Settings) -> None:
+    """Fail in seconds, before any work, when the tracking store is unusable: an HTTP server that does
+    not accept connections (MLflow's own client would retry for minutes) or a SQLite file whose
+    directory cannot be created or written. Other schemes (databricks, ...) are left to MLflow."""
+    import socket
+    from urllib.parse import urlparse
+
+    tracking, _ = mlflow_uris(settings)
+    uri = urlparse(tracking)
+    if uri.scheme in ("http", "https"):
+        port = uri.port or (443 if uri.scheme == "https" else 80)
+        try:
+            socket.create_connection((uri.hostname, port), timeout=5).close()
+        except OSError as e:
+            raise TrackingUnavailable(f"MLflow tracking server {tracking} is unreachable ({e.strerror or e}); "
+                                      "start it or set mlflow.tracking_uri") from e
+    elif uri.scheme == "sqlite":
+        db = Path(tracking.removeprefix("sqlite:///"))
+        folder = next((p for p in (db.parent, *db.parent.parents) if p.exists()), None)
+        if (db.exists() and not os.access(db, os.W_OK)) or folder is None or not folder.is_dir() \
+                or not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingUnavailable(f"MLflow tracking store {tracking} cannot be written ({folder} is not a writable "
+                                      "directory); set mlflow.tracking_uri or the home directory")
+
+
 def setup_mlflow(settings: Settings) -> str:
     """Point MLflow at the profile's tracking server (local SQLite by default); returns experiment id."""
     import mlflow
 
+    check_tracking(settings)
     home = settings.home_dir
     tracking, registry = mlflow_uris(settings)
     if tracking.startswith("sqlite:"):
         home.mkdir(parents=True, exist_ok=True)
+        Path(tracking.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(registry)
     exp = mlflow.get_experiment_by_name(settings.mlflow.experiment)
