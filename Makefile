@@ -37,8 +37,10 @@ test-fast: $(STAMP)
 paper-smoke: $(STAMP)
 	$(BIN)/restpg pipeline --profile paper-smoke --home .restpg-paper-smoke --variants rest_pg
 
+# One table of side-by-side ratios (sampling, Spark, judging, training, retrieval, scaling), under 15 minutes;
+# writes bench/results/<name>.json, whose rates `restpg estimate` uses.
 bench: $(STAMP)
-	$(BIN)/python bench/bench_sampling.py
+	$(BIN)/python bench/run_bench.py
 
 clean:
 	rm -rf .restpg .pytest_cache

@@ -28,6 +28,7 @@ torch_xla.device()
 import torch  # noqa: E402
 
 from restpg.training import trainer  # noqa: E402
+from restpg.training.devices import xla_compilations  # noqa: E402
 from restpg.training.data import IGNORE_INDEX  # noqa: E402
 from restpg.config import TrainConfig, load_settings  # noqa: E402
 
@@ -53,9 +54,14 @@ def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> d
     data = fixed_batches(model.config.vocab_size, batch * steps, length)
     # CPU seconds per step (all threads of this process, XLA's included) do not depend on what else
     # runs on the machine; wall seconds do. log_every=1 makes fit sync and call back after every step.
-    marks = [time.process_time()]
+    marks, compiled = [time.process_time()], [xla_compilations() if device == "xla" else 0]
+
+    def mark(metrics, step) -> None:
+        marks.append(time.process_time())
+        compiled.append(xla_compilations() if device == "xla" else 0)
+
     started = time.time()
-    result = trainer.fit(model, data, cfg, pad_id=0, log_metrics=lambda metrics, step: marks.append(time.process_time()))
+    result = trainer.fit(model, data, cfg, pad_id=0, log_metrics=mark)
     wall = time.time() - started
     cpu_seconds = [b - a for a, b in zip(marks, marks[1:])]
     tokens_per_step = batch * length
@@ -66,6 +72,7 @@ def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> d
             "steady_step_s": round(statistics.mean(steady), 2),
             "steady_tokens_per_s": round(tokens_per_step / statistics.mean(steady), 1),
             "overall_tokens_per_s": round(result.tokens_per_s, 1), "compilations": result.compilations,
+            "compilations_after_warmup": compiled[-1] - compiled[min(2, len(compiled) - 1)],  # steps 3..n
             "first_step_cpu_s": round(cpu_seconds[0], 1), "steady_step_cpu_s": round(statistics.mean(steady_cpu), 2),
             "tokens_per_cpu_s": round(tokens_per_step / statistics.mean(steady_cpu), 1),
             "wall_s": round(wall, 1), "first_loss": round(result.first_loss, 4), "final_loss": round(result.final_loss, 4)}
@@ -96,6 +103,7 @@ def main() -> int:
                "load_avg_1m": round(os.getloadavg()[0], 1),
                "xla_over_eager_steady": round(xla["steady_tokens_per_s"] / cpu["steady_tokens_per_s"], 2),
                "xla_over_eager_per_cpu_s": round(xla["tokens_per_cpu_s"] / cpu["tokens_per_cpu_s"], 2),
+               "xla_compilations_after_warmup": xla["compilations_after_warmup"],
                "first_loss_rel_diff": abs(xla["first_loss"] - cpu["first_loss"]) / cpu["first_loss"]}
     print(json.dumps(summary))
     out = Path(__file__).with_name("out")
