@@ -48,6 +48,11 @@ STAGES = {
     "retrieve": Stage("top-k items of each example's own profile → retrievals"),
     "user_profiles": Stage("style (stylometric) and topic (embedding) vector per user from training-split texts → user_profiles"),
     "peer_retrieve": Stage("PAT's style-cue and topic-context trajectories: items of k peers each → peer_retrievals"),
+    "pat_sft": Stage("PAT's SFT start: teacher dual reasoning (style, topic, merged) → reasoning_paths, pat iteration 0 → training_sets"),
+    "sparse_eval": Stage("evaluate variants and the random_peers control with own profiles cut to each size → eval_* tables + plot", (
+        arg("--profile-size", dest="sizes", default="0,1,2,all", help="own-profile sizes, e.g. 0,1,2,all"),
+        arg("--variant", dest="variants", action="append", default=None, help="variant(s) (default sft, rest_pg, pat)"),
+        arg("--split", default=None, help="split to evaluate (default evaluate.split)"))),
     "reason": Stage("teacher-written reasoning paths for the training inputs → reasoning_paths", aliases=("synthesize_reasoning",)),
     "sft_data": Stage("iteration-0 training sets of sft and sft_reasoning → training_sets", (
         arg("--variant", dest="variants", action="append", default=None, help="sft and/or sft_reasoning (default both)"),),

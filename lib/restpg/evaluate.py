@@ -48,14 +48,16 @@ def registry_version(uri: str) -> str | None:
     return tail if tail.isdigit() else None
 
 
-def predict(spark, settings: Settings, variant: str, policy: str, split: str, ablation: str, run_id: str) -> int:
+def predict(spark, settings: Settings, variant: str, policy: str, split: str, ablation: str, run_id: str,
+            examples=None) -> int:
     """`policy` answers every example of `split` → the (ablation, variant, split) slice of eval_predictions."""
     from pyspark.sql import functions as F
 
     from restpg import generation
 
     cfg = settings.evaluate
-    examples = catalog.read_slice(spark, settings, "examples", {"split": split})
+    # `examples` replaces the split's rows, e.g. with profiles cut short (restpg.sparse_eval)
+    examples = examples if examples is not None else catalog.read_slice(spark, settings, "examples", {"split": split})
     inputs = policy_prompts(spark, settings, examples, variant)
     out = generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
                                  top_p=cfg.top_p, iteration=-1, seed=settings.sample.seed,

@@ -9,7 +9,8 @@ from importlib import resources
 from restpg import tasks, variants
 
 SEPARATOR = "\n=== Response ===\n"
-TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v2"}
+TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v2",
+             "policy_pat": "v1", "teacher_pat": "v1"}
 
 
 @dataclass(frozen=True)

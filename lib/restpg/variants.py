@@ -1,8 +1,10 @@
 """The systems a run produces, named once: what each starts from, whether it reasons, whether it is EM.
 
 Paper, Table 1: SFT (no reasoning), SFT with reasoning (teacher reasoning → response), ReST-EM
-(the EM loop on the plain SFT model) and REST-PG (the EM loop on the reasoning SFT model). A new
-variant is one line here plus whatever its stages need; every module asks this one.
+(the EM loop on the plain SFT model) and REST-PG (the EM loop on the reasoning SFT model); PAT (issue 11)
+reasons over peers' style and topic cues, from its own teacher-reasoning SFT start (iteration 0 of
+itself, written by `restpg pat_sft`). A new variant is one line here plus whatever its stages need;
+every module asks this one.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ class Variant:
     base: str             # the iteration-0 variant it starts from (itself for SFT variants)
     uses_reasoning: bool  # output = reasoning + separator + response
     is_em: bool           # trained by sample → judge → filter → train for T iterations
+    uses_peers: bool = False  # its prompt carries peer_retrievals' style and topic cues (PAT)
 
 
 VARIANTS = {v.name: v for v in (
@@ -22,6 +25,7 @@ VARIANTS = {v.name: v for v in (
     Variant("sft_reasoning", "sft_reasoning", uses_reasoning=True, is_em=False),
     Variant("rest_em", "sft", uses_reasoning=False, is_em=True),
     Variant("rest_pg", "sft_reasoning", uses_reasoning=True, is_em=True),
+    Variant("pat", "pat", uses_reasoning=True, is_em=True, uses_peers=True),
 )}
 NAMES = tuple(VARIANTS)
 SFT_NAMES = tuple(n for n, v in VARIANTS.items() if not v.is_em)
@@ -46,6 +50,10 @@ def check(names) -> list[str]:
 
 def uses_reasoning(name: str) -> bool:
     return get(name).uses_reasoning
+
+
+def uses_peers(name: str) -> bool:
+    return get(name).uses_peers
 
 
 def is_em(name: str) -> bool:

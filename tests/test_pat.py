@@ -1,0 +1,66 @@
+"""The `pat` variant: its prompt carries own items and peers' cues, its output is dual reasoning then the
+response after the separator, and its SFT start is teacher dual reasoning on the PAT prompt."""
+import pytest
+
+from helpers import example_row, make_settings, write_rows
+from restpg import catalog, pat_sft, policy_inputs, prompts, variants
+
+
+def test_pat_is_an_em_variant_with_its_own_sft_start_and_peers():
+    v = variants.get("pat")
+    assert v.is_em and v.uses_reasoning and v.uses_peers and variants.base_of("pat") == "pat"
+    assert not any(variants.uses_peers(n) for n in ("sft", "sft_reasoning", "rest_em", "rest_pg"))
+    assert variants.uses_peers("pat:m=8")  # an ablation tag keeps the variant's nature
+
+
+def test_cues_alternate_by_rank_after_the_users_own_items():
+    peers = [{"trajectory": "topic", "rank": 2, "text": "T2"}, {"trajectory": "style", "rank": 1, "text": "S1"},
+             {"trajectory": "topic", "rank": 1, "text": "T1"}, {"trajectory": "style", "rank": 2, "text": "S2"}]
+    assert policy_inputs.pat_item_texts(["own a"], peers) == [
+        "(own) own a", "(style cue) S1", "(topic cue) T1", "(style cue) S2", "(topic cue) T2"]
+    assert policy_inputs.pat_item_texts([], []) == []
+
+
+def test_pat_prompt_asks_for_style_topic_merge_then_the_separator():
+    head, items, tail = policy_inputs.pat_parts("product_review", "Review a kettle.", ["(own) x", "(style cue) y"], 200)
+    text = head + "".join(items) + tail
+    assert text.index("Style:") < text.index("Topic:") < text.index("Merged:") < text.index(prompts.SEPARATOR.strip())
+    assert items == ["[1] (own) x\n", "[2] (style cue) y\n"] and "Review a kettle." in tail
+    raw = "Style: short, upbeat.\nTopic: price.\nMerged: short note on price." + prompts.SEPARATOR + "Cheap and cheerful!"
+    out = prompts.parse_output("pat", raw)
+    assert out.format_ok and out.response == "Cheap and cheerful!" and out.reasoning.startswith("Style:")
+    assert not prompts.parse_output("pat", "Style: no separator, no response").format_ok
+
+
+def test_teacher_prompt_shows_cues_input_and_target_and_ends_in_style():
+    head, items, tail = pat_sft.teacher_parts("Review a kettle.", "Great kettle.", ["(own) a\nb", "(topic cue) c"], 200)
+    assert items == ["(own) a b | ", "(topic cue) c | "]
+    assert "Review a kettle." in tail and "Great kettle." in tail and tail.rstrip().endswith("Style:")
+
+
+@pytest.mark.slow
+def test_pat_sft_writes_dual_paths_and_iteration_zero_on_pat_prompts(spark, tiny, tmp_path):
+    s = make_settings(tmp_path / "home", f"models.policy={tiny}", f"models.teacher={tiny}", "prompt.max_input_tokens=900",
+                      "prompt.max_reasoning_tokens=16", "prompt.max_response_tokens=40", "reason.copy_threshold=1.0")
+    rows = [example_row("t1", "u1", target="The quick brown fox."), example_row("t2", "u2", target="A lazy dog."),
+            example_row("v1", "u3", split="val", target="10 apples.")]
+    write_rows(spark, s, "examples", rows)
+    write_rows(spark, s, "retrievals", [{"example_id": r["example_id"], "retriever": s.models.retriever, "k": 1,
+                                         "items": [{"rank": 1, "item_id": "i", "score": 1.0, "text": f"own item of {r['user_id']}"}]}
+                                        for r in rows])
+    peer = lambda eid, trajectory, text: {"example_id": eid, "retriever": s.models.retriever, "mode": "similar",
+                                          "trajectory": trajectory, "rank": 1, "text": text}
+    write_rows(spark, s, "peer_retrievals", [peer("t1", "style", "STYLE-CUE-1"), peer("t1", "topic", "TOPIC-CUE-1"),
+                                             peer("t2", "style", "STYLE-CUE-2")])
+    report = pat_sft.run(spark, s, run_id="t")
+    paths = {r.example_id: r for r in catalog.read_slice(spark, s, "reasoning_paths", pat_sft.path_slice(s)).collect()}
+    assert set(paths) == {"t1", "t2"}  # the training inputs only
+    assert all(p.reasoning.startswith("Style:") and p.template_version.startswith("teacher_pat@v1#") for p in paths.values())
+    train = {r.example_id: r for r in catalog.read_slice(spark, s, "training_sets", {"variant": "pat", "iteration": 0}).collect()}
+    assert report["rows"] == len(train) and report["inputs"] == 2 and set(train) <= {"t1", "t2"}
+    for eid, r in train.items():
+        assert r.template_version.startswith("policy_pat@v1#") and "own item of" in r.prompt
+        reasoning, response, found = prompts.split_reasoning(r.completion)
+        assert found and reasoning == paths[eid].reasoning and response == next(x["target"] for x in rows if x["example_id"] == eid)
+    if "t1" in train:
+        assert "STYLE-CUE-1" in train["t1"].prompt and "TOPIC-CUE-1" in train["t1"].prompt
