@@ -426,6 +426,12 @@ def main() -> int:
           flush=True)
     settings = load_settings("local")
     model, tokenizer = models.load_causal_lm(POLICY, settings)
+    out = HERE / "results" / f"{args.name}.json"
+    out.parent.mkdir(exist_ok=True)
+
+    def save() -> None:  # after every section, so a bench stopped part-way keeps what it measured
+        out.write_text(json.dumps(res, indent=1, default=str))
+
     res["params"] = params_of(model)
     size = 512 if args.quick else 1024
     res["peak"] = {"fp32_gflops": matmul_peak(torch.float32, size, 5), "bf16_gflops": matmul_peak(torch.bfloat16, size, 5)}
@@ -436,16 +442,20 @@ def main() -> int:
     inproc = 0.55 * budget.left()  # in-process sections; the rest for the Spark and XLA children
     budget_in = Budget(inproc)
     res["sampling"] = bench_sampling(model, bf16_model, tokenizer, args, budget_in)
+    save()
     budget_in.start(0.4)
     res["judging"] = bench_judging(model, tokenizer, args, budget_in)
+    save()
     del bf16_model
     budget_in.start(1.0)
     res["training"] = bench_training(args, budget_in, bf16_slow)
+    save()
     for i, master in enumerate(("local[1]", "local[2]")):
         share = max(60.0, budget.left() * (0.4 if i == 0 else 0.6))
         print(f"Spark {master} ({share:.0f}s) ...", flush=True)
         child = ["bench/run_bench.py", "--spark-rounds", str(args.spark_rounds), "--budget-s", str(share), "--child", master]
         res[f"spark_local{master[6]}"] = run_child(child + (["--quick"] if args.quick else []), int(share + 90))
+        save()
     if res["machine"]["torch_xla"] and not args.no_xla and budget.left() > 60:
         print("torch-xla training ...", flush=True)
         steps = "3" if args.quick else "4"
@@ -458,9 +468,7 @@ def main() -> int:
     rows, rates = summarize(res)
     res.update(ratios=rows, rates=rates, seconds=round(time.time() - started, 1),
                load_avg_end=round(os.getloadavg()[0], 1))
-    out = HERE / "results" / f"{args.name}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
+    save()
     print()
     print(table(rows))
     print(f"rates (restpg estimate): {json.dumps(rates)}")
