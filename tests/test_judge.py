@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from helpers import example_row, make_settings, write_rows
+from helpers import example_row, make_settings, rows_df, write_rows
 from test_scoring import JUDGE_DEFAULT, JUDGE_TABLE, make_bigram_lm
 
 from restpg import catalog, judge, prompts, rewards
@@ -119,3 +119,45 @@ def test_llm_judge_on_reasoning_and_plain_variants(spark, home, tiny_dir, tmp_pa
 def test_missing_trajectories_name_the_stage(spark, home):
     with pytest.raises(LookupError, match="run `restpg sample` first"):
         judge.run(spark, make_settings(home, "judge.reward=embedding"), variant="rest_pg", iteration=2, run_id="x")
+
+
+def test_judging_commits_in_chunks_and_a_rerun_judges_only_what_is_missing(spark, tmp_path):
+    import datetime as dt
+
+    s = make_settings(tmp_path / "home", "judge.reward=embedding", "judge.chunk_examples=1")
+    write_rows(spark, s, "examples", examples())
+    write_rows(spark, s, "trajectories", trajectory_rows("rest_em", PLAIN_ROWS))
+    mine = {"variant": "rest_em", "iteration": 1, "reward_kind": "embedding"}
+
+    def runs():
+        return judged(spark, s, "rest_em").groupby("example_id")["run_id"].agg(lambda r: ",".join(sorted(set(r)))).to_dict()
+
+    first = judge.run(spark, s, variant="rest_em", iteration=1, run_id="j1")
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{catalog.ref(s, 'judge_scores').path}`").collect()
+    assert first["judged_examples"] == 2 and sum(h.operation == "MERGE" for h in history) == 2  # one commit per example
+    rewards_before = judged(spark, s, "rest_em").reward.tolist()
+
+    again = judge.run(spark, s, variant="rest_em", iteration=1, run_id="j2")  # complete: nothing to do
+    assert again["judged_examples"] == 0 and again["replaced_rows"] == 0 and runs() == {"e1": "j1", "e2": "j1"}
+
+    # a run killed after its first chunk: only e1's scores were committed; the rerun judges e2 alone
+    kept = catalog.read_slice(spark, s, "judge_scores", mine).where("example_id = 'e1'")
+    catalog.replace_slice(spark, s, kept, "judge_scores", mine, "killed")
+    resumed = judge.run(spark, s, variant="rest_em", iteration=1, run_id="j3")
+    out = judged(spark, s, "rest_em")
+    assert resumed["judged_examples"] == 1 and runs() == {"e1": "j1", "e2": "j3"}
+    assert len(out) == 3 and not out.duplicated(["example_id", "sample_index"]).any()
+    assert out.reward.tolist() == pytest.approx(rewards_before, abs=1e-6)
+
+    # a row sampled again after it was judged is judged again, and only that row
+    resampled = trajectory_rows("rest_em", PLAIN_ROWS[:1])[0] | {"created_at": dt.datetime.now(), "raw_text": EMAIL}
+    catalog.merge(spark, s, rows_df(spark, "trajectories", [resampled]), "trajectories", "resample",
+                  slice_={"variant": "rest_em", "iteration": 1}, update=True)
+    fresh = judge.run(spark, s, variant="rest_em", iteration=1, run_id="j4")
+    out = judged(spark, s, "rest_em").set_index(["example_id", "sample_index"])
+    assert fresh["replaced_rows"] == 1 and fresh["judged_examples"] == 1 and len(out) == 3
+    assert out.loc[("e1", 0), "run_id"] == "j4" and out.loc[("e1", 1), "run_id"] == "j1"
+
+    assert judge.run(spark, s, variant="rest_em", iteration=1, run_id="j4b")["judged_examples"] == 0
+    forced = judge.run(spark, s, variant="rest_em", iteration=1, run_id="j5", force=True)
+    assert forced["replaced_rows"] == 3 and runs() == {"e1": "j5", "e2": "j5"} and forced["rows"] == 3
