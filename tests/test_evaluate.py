@@ -8,6 +8,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 import pytest
+from pyspark.sql import functions as F
 
 from helpers import example_row, make_settings, tiny_overrides, write_rows
 from restpg import catalog, evaluate, prompts, tracking
@@ -40,11 +41,14 @@ def register(settings, checkpoint: str, slices: list[tuple[str, int]]) -> list[s
     return versions
 
 
+def overrides(tiny) -> list[str]:
+    return [*tiny_overrides(tiny), "loop.variants=[sft, rest_pg]", "prompt.max_reasoning_tokens=4",
+            "prompt.max_response_tokens=6", "mlflow.policy_model_name=tiny-eval"]
+
+
 @pytest.fixture(scope="module")
 def home(spark, tiny, tmp_path_factory):
-    s = make_settings(tmp_path_factory.mktemp("evaluate-home"), *tiny_overrides(tiny), "loop.variants=[sft, rest_pg]",
-                      "prompt.max_reasoning_tokens=4", "prompt.max_response_tokens=6",
-                      "mlflow.policy_model_name=tiny-eval")
+    s = make_settings(tmp_path_factory.mktemp("evaluate-home"), *overrides(tiny))
     write_rows(spark, s, "examples", [example_row(e, f"u{i % 2}", split="test", target=TARGET) for i, e in enumerate(TEST)]
                + [example_row("ex-9", "u1", split="train", target=TARGET)])
     write_rows(spark, s, "retrievals", [
@@ -183,3 +187,32 @@ def test_run_evaluates_final_policies_within_their_budgets(spark, home, versions
         assert [row[i] for i in prompts.FORMAT_ISSUES] == [report["format_issues"][i] for i in prompts.FORMAT_ISSUES]
         words = report["mean_response_words"]
         assert (row.mean_response_words is None) if words is None else row.mean_response_words == pytest.approx(words, abs=0.05)
+
+
+def test_a_rerun_after_a_kill_does_only_what_is_missing(spark, home, tiny, versions):
+    """Chunks of one example: a run killed after ex-1 and ex-2 of sft's predictions (and ex-1's score)
+    is finished by the rerun, which answers and scores only what is missing, with the same answers."""
+    s = make_settings(home.home_dir, *overrides(tiny), "evaluate.chunk_examples=1")
+    evaluate.run(spark, s, run_id="whole", variants=["sft"], force=True)
+    key = {"ablation": "", "variant": "sft", "split": "test"}
+
+    def table(name):
+        return catalog.read_slice(spark, s, name, key).toPandas().set_index("example_id").sort_index()
+
+    whole = table("eval_predictions")
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{catalog.ref(s, 'eval_predictions').path}`").collect()
+    assert sum(h.operation == "MERGE" and '"whole"' in (h.userMetadata or "") for h in history) == 3  # one per example
+    kept = {"eval_predictions": ["ex-1", "ex-2"], "eval_scores": ["ex-1"]}
+    for name, ids in kept.items():
+        rows = catalog.read_slice(spark, s, name, key).where(F.col("example_id").isin(ids))
+        catalog.replace_slice(spark, s, rows, name, key, "killed")
+
+    evaluate.run(spark, s, run_id="rerun", variants=["sft"])
+    preds, scores = table("eval_predictions"), table("eval_scores")
+    assert preds.run_id.to_dict() == {"ex-1": "whole", "ex-2": "whole", "ex-3": "rerun"}
+    assert scores.run_id.to_dict() == {"ex-1": "whole", "ex-2": "rerun", "ex-3": "rerun"}
+    assert preds.raw_text.to_dict() == whole.raw_text.to_dict()  # the same seeds: the same answers
+
+    evaluate.run(spark, s, run_id="forced", variants=["sft"], force=True)
+    assert set(table("eval_predictions").run_id) == set(table("eval_scores").run_id) == {"forced"}
+    assert len(table("eval_predictions")) == len(table("eval_scores")) == 3

@@ -30,6 +30,7 @@ def arg(*flags, **options) -> Arg:
 
 VARIANT = arg("--variant", required=True, help="sft | sft_reasoning | rest_em | rest_pg")
 ITERATION = arg("--iteration", type=int, required=True, help="EM iteration t (0 = the SFT slice)")
+FORCE = arg("--force", action="store_true", help="redo the whole slice (default: resume, doing only what is missing)")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ STAGES = {
         arg("--profile-size", dest="sizes", default="0,1,2,all", help="own-profile sizes, e.g. 0,1,2,all"),
         arg("--variant", dest="variants", action="append", default=None, help="variant(s) (default sft, rest_pg, pat)"),
         arg("--split", default=None, help="split to evaluate (default evaluate.split)"))),
-    "reason": Stage("teacher-written reasoning paths for the training inputs → reasoning_paths", aliases=("synthesize_reasoning",)),
+    "reason": Stage("teacher-written reasoning paths for the training inputs → reasoning_paths", (FORCE,),
+                    aliases=("synthesize_reasoning",)),
     "sft_data": Stage("iteration-0 training sets of sft and sft_reasoning → training_sets", (
         arg("--variant", dest="variants", action="append", default=None, help="sft and/or sft_reasoning (default both)"),),
         aliases=("build-sft", "build_sft")),
@@ -66,11 +68,11 @@ STAGES = {
             help="record the verdict and go on when the reward is unfit")), aliases=("validate-reward",)),
     "sample": Stage("E-step: m samples per training input → trajectories", (
         VARIANT, ITERATION, arg("--model", dest="policy", default=None, help="policy model URI (default: θᵗ of the variant)"))),
-    "judge": Stage("reward every trajectory of a slice → judge_scores", (VARIANT, ITERATION)),
+    "judge": Stage("reward every trajectory of a slice → judge_scores", (VARIANT, ITERATION, FORCE)),
     "filtering": Stage("keep reward ≥ τ, ≤ max per input → training set of iteration t", (VARIANT, ITERATION), aliases=("filter",)),
     "evaluate": Stage("generate on the evaluation split and score → eval_* tables; publishes candidate_version", (
         arg("--variant", dest="variants", action="append", default=None, help="variant(s) to evaluate (default all)"),
-        arg("--split", default=None, help="split to evaluate (default evaluate.split)"))),
+        arg("--split", default=None, help="split to evaluate (default evaluate.split)"), FORCE)),
     "promote": Stage("score candidate and champion on the promotion split and move aliases", (
         arg("--candidate", default=None, help="model version, or final:<variant> (default: the run's final REST-PG policy)"),
         arg("--dry-run", dest="dry_run", action="store_const", const=True, default=None, help="decide without moving aliases"))),
@@ -219,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command not in STAGES:
         return _tool(command, args, settings)
-    from restpg.runtime import get_spark
+    from restpg.runtime import TrackingUnavailable, check_tracking, get_spark
 
+    try:  # before Spark starts: a stage that cannot record its run does no work
+        check_tracking(settings)
+    except TrackingUnavailable as e:
+        print(f"restpg: {e}", file=sys.stderr)
+        return 2
     result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
     print(json.dumps(result, indent=1, default=str))
     return 0

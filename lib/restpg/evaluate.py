@@ -11,6 +11,7 @@ the final policy of `candidate_variant(...)`, published as the task value `candi
 """
 from __future__ import annotations
 
+import time
 from dataclasses import astuple
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,7 @@ import pandas as pd
 from restpg import catalog, metrics, prompts, registry
 from restpg.config import Settings
 from restpg.policy_inputs import policy_prompts
-from restpg.tracking import publish_task_value, say
+from restpg.tracking import progress, publish_task_value, say
 from restpg.variants import check as check_variants, is_em
 
 CANDIDATE_VERSION = "candidate_version"
@@ -48,33 +49,83 @@ def registry_version(uri: str) -> str | None:
     return tail if tail.isdigit() else None
 
 
+def _standing(spark, settings: Settings, name: str, slice_: dict, stands, force: bool, run_id: str):
+    """example_id of the slice's rows that still stand (`stands(rows)` keeps them), or None when the table
+    does not exist yet. Rows that do not stand are removed first (all of them with `force`), so the
+    chunks that follow only ever insert."""
+    if not catalog.exists(spark, settings, name):
+        return None
+    rows = catalog.read_slice(spark, settings, name, slice_)
+    kept = rows.limit(0) if force else stands(rows)
+    if force or kept.count() < rows.count():
+        catalog.replace_slice(spark, settings, kept, name, slice_, run_id)
+        return catalog.read_slice(spark, settings, name, slice_).select("example_id")
+    return kept.select("example_id")
+
+
+def _commit_chunks(ids: list[str], size: int, label: str, commit) -> int | None:
+    """`commit(chunk)` for each chunk of `size` ids, with a progress line; the last version written."""
+    version, started = None, time.time()
+    for start in range(0, len(ids), size):
+        chunk = ids[start:start + size]
+        version = commit(chunk)
+        progress(label, start + len(chunk), len(ids), started)
+    return version
+
+
+def _missing(df, standing) -> list[str]:
+    """Sorted example ids of `df` without a standing row (only ids come to the driver)."""
+    ids = df.select("example_id")
+    return sorted(r.example_id for r in (ids if standing is None else ids.join(standing, "example_id", "left_anti")).collect())
+
+
 def predict(spark, settings: Settings, variant: str, policy: str, split: str, ablation: str, run_id: str,
-            examples=None) -> int:
-    """`policy` answers every example of `split` → the (ablation, variant, split) slice of eval_predictions."""
+            force: bool = False, examples=None) -> int:
+    """`policy` answers every example of `split` → the (ablation, variant, split) slice of eval_predictions,
+    committed in chunks of `evaluate.chunk_examples` (insert-only MERGE). Answers by another model version
+    are replaced; a rerun (after a kill) answers only the examples still missing; `force` answers all again."""
     from pyspark.sql import functions as F
 
     from restpg import generation
 
-    cfg = settings.evaluate
+    cfg, slice_ = settings.evaluate, {"ablation": ablation, "variant": variant, "split": split}
     # `examples` replaces the split's rows, e.g. with profiles cut short (restpg.sparse_eval)
     examples = examples if examples is not None else catalog.read_slice(spark, settings, "examples", {"split": split})
-    inputs = policy_prompts(spark, settings, examples, variant)
-    out = generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, iteration=-1, seed=settings.sample.seed,
-                                 **generation.limits(settings, variant))
+    standing = _standing(spark, settings, "eval_predictions", slice_, lambda rows: rows.where(F.col("model_version") == policy),
+                         force, run_id)
     parse = F.udf(lambda text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)
-    rows = (out.withColumn("parsed", parse("text", "finished"))
-            .join(inputs.select("example_id", "template_version"), "example_id")
-            .join(examples.select("example_id", "task", "user_id"), "example_id")
-            .select(F.lit(ablation).alias("ablation"), F.lit(variant).alias("variant"), F.lit(policy).alias("model_version"),
-                    F.lit(split).alias("split"), "example_id", "task", "user_id", F.col("text").alias("raw_text"),
-                    "parsed.reasoning", "parsed.response", "parsed.format_ok", "parsed.format_issue", "n_tokens",
-                    "finished", "reasoning_forced", "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at")))
-    return catalog.replace_slice(spark, settings, rows, "eval_predictions", {"ablation": ablation, "variant": variant, "split": split}, run_id)
+
+    def commit(chunk: list[str]) -> int:
+        part = examples.where(F.col("example_id").isin(chunk))
+        inputs = policy_prompts(spark, settings, part, variant)
+        out = generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, iteration=-1, seed=settings.sample.seed,
+                                     **generation.limits(settings, variant))
+        rows = (out.withColumn("parsed", parse("text", "finished"))
+                .join(inputs.select("example_id", "template_version"), "example_id")
+                .join(part.select("example_id", "task", "user_id"), "example_id")
+                .select(F.lit(ablation).alias("ablation"), F.lit(variant).alias("variant"), F.lit(policy).alias("model_version"),
+                        F.lit(split).alias("split"), "example_id", "task", "user_id", F.col("text").alias("raw_text"),
+                        "parsed.reasoning", "parsed.response", "parsed.format_ok", "parsed.format_issue", "n_tokens",
+                        "finished", "reasoning_forced", "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at")))
+        return catalog.merge(spark, settings, rows, "eval_predictions", run_id, slice_=slice_)
+
+    version = _commit_chunks(_missing(examples, standing), cfg.chunk_examples, f"evaluate {variant} on {split}: predictions", commit)
+    return version if version is not None else catalog.version(spark, settings, "eval_predictions")
 
 
-def score(spark, settings: Settings, variant: str, split: str, ablation: str, run_id: str) -> int:
-    """Judge score, ROUGE and METEOR of one eval_predictions slice → the same slice of eval_scores.
+def _lexical(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    for pdf in batches:
+        r = [metrics.rouge(p, t) for p, t in zip(pdf["response"], pdf["target"])]
+        yield pd.DataFrame({"example_id": pdf["example_id"], "rouge1": [x["rouge1"] for x in r],
+                            "rougeL": [x["rougeL"] for x in r],
+                            "meteor": [metrics.meteor(p, t) for p, t in zip(pdf["response"], pdf["target"])]})
+
+
+def score(spark, settings: Settings, variant: str, split: str, ablation: str, run_id: str, force: bool = False) -> int:
+    """Judge score, ROUGE and METEOR of one eval_predictions slice → the same slice of eval_scores,
+    committed in chunks like `predict`. A score stands when it has the configured reward kind and was
+    made for the prediction now in the slice (same model version, scored after it was written).
     A format failure is scored as the empty response it stands for: 0 on every metric."""
     from pyspark.sql import functions as F
 
@@ -84,23 +135,31 @@ def score(spark, settings: Settings, variant: str, split: str, ablation: str, ru
     preds = (catalog.read_slice(spark, settings, "eval_predictions", slice_)
              .withColumn("response", F.when(F.col("format_ok"), F.coalesce("response", F.lit(""))).otherwise(F.lit(""))))
     examples = catalog.read(spark, settings, "examples").select("example_id", "input", "target")
+    written = preds.select("example_id", F.col("model_version").alias("_model"), F.col("created_at").alias("_predicted"))
 
-    def overlap(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            r = [metrics.rouge(p, t) for p, t in zip(pdf["response"], pdf["target"])]
-            yield pd.DataFrame({"example_id": pdf["example_id"], "rouge1": [x["rouge1"] for x in r],
-                                "rougeL": [x["rougeL"] for x in r],
-                                "meteor": [metrics.meteor(p, t) for p, t in zip(pdf["response"], pdf["target"])]})
+    def stands(rows):
+        return (rows.join(written, "example_id")
+                .where((F.col("model_version") == F.col("_model")) & (F.col("created_at") >= F.col("_predicted"))
+                       & (F.col("reward_kind") == settings.judge.reward))
+                .drop("_model", "_predicted"))
 
-    joined = preds.join(examples, "example_id")
-    lexical = joined.select("example_id", "response", "target").mapInPandas(overlap, "example_id string, rouge1 double, rougeL double, meteor double")
-    rewarded = add_rewards(spark, settings, joined.select("ablation", "variant", "model_version", "split", "example_id", "task",
-                                                          "input", "target", "response"))
-    rows = rewarded.join(lexical, "example_id").select(
-        "ablation", "variant", "model_version", "split", "example_id", "task", "reward_kind",
-        F.when(F.col("response") == "", F.lit(0.0)).otherwise(F.col("reward")).alias("judge_score"),
-        "rouge1", "rougeL", "meteor", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
-    return catalog.replace_slice(spark, settings, rows, "eval_scores", slice_, run_id)
+    standing = _standing(spark, settings, "eval_scores", slice_, stands, force, run_id)
+
+    def commit(chunk: list[str]) -> int:
+        joined = preds.where(F.col("example_id").isin(chunk)).join(examples, "example_id")
+        lexical = joined.select("example_id", "response", "target").mapInPandas(
+            _lexical, "example_id string, rouge1 double, rougeL double, meteor double")
+        rewarded = add_rewards(spark, settings, joined.select("ablation", "variant", "model_version", "split", "example_id",
+                                                              "task", "input", "target", "response"))
+        rows = rewarded.join(lexical, "example_id").select(
+            "ablation", "variant", "model_version", "split", "example_id", "task", "reward_kind",
+            F.when(F.col("response") == "", F.lit(0.0)).otherwise(F.col("reward")).alias("judge_score"),
+            "rouge1", "rougeL", "meteor", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
+        return catalog.merge(spark, settings, rows, "eval_scores", run_id, slice_=slice_)
+
+    version = _commit_chunks(_missing(preds, standing), settings.evaluate.chunk_examples,
+                             f"evaluate {variant} on {split}: scores", commit)
+    return version if version is not None else catalog.version(spark, settings, "eval_scores")
 
 
 def summarize(spark, settings: Settings, split: str, ablation: str, run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -121,7 +180,8 @@ def output_report(spark, settings: Settings, split: str, ablation: str, names: l
 
     pdf = (catalog.read_slice(spark, settings, "eval_predictions", {"ablation": ablation, "split": split})
            .where(F.col("variant").isin(names))
-           .select("variant", "format_ok", "format_issue", "n_tokens", "reasoning", "response").toPandas())
+           .select("variant", "format_ok", "format_issue", "n_tokens", "reasoning", "response", "reasoning_forced")
+           .toPandas())
     return metrics.output_report(pdf)
 
 
@@ -146,30 +206,28 @@ def publish_candidate(policies: dict[str, str]) -> tuple[str | None, str]:
 
 
 def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = None,
-        policies: dict[str, str] | None = None, split: str | None = None, ablation: str = "") -> dict:
+        policies: dict[str, str] | None = None, split: str | None = None, ablation: str = "", force: bool = False) -> dict:
     """Evaluate `variants` (default settings.loop.variants, or the keys of `policies`) on `split`
     (default settings.evaluate.split). `policies` maps a variant to a model URI; a variant without one
     gets its final policy (registry.final_policy). Writes eval_predictions, eval_scores, eval_summary,
-    eval_tests; on the main table (ablation '') publishes `candidate_version`."""
+    eval_tests; on the main table (ablation '') publishes `candidate_version`. Predictions and scores are
+    committed in chunks, so a rerun after a kill does only what is missing; `force` redoes them all."""
     split = split or settings.evaluate.split
     names = list(variants or (policies.keys() if policies else settings.loop.variants))
     policies = {v: (policies or {}).get(v) or registry.final_policy(settings, v, settings.loop.iterations)
                 for v in check_variants(names)}
     for variant, policy in policies.items():
         say(f"evaluate {variant} on {split}: {policy}")
-        predict(spark, settings, variant, policy, split, ablation, run_id)
-        score(spark, settings, variant, split, ablation, run_id)
+        predict(spark, settings, variant, policy, split, ablation, run_id, force=force)
+        score(spark, settings, variant, split, ablation, run_id, force=force)
     summary, tests = summarize(spark, settings, split, ablation, run_id)
     outputs = output_report(spark, settings, split, ablation, list(policies))
     plot = reward_plot(spark, settings, split, ablation)
-    try:
-        import mlflow
+    import mlflow
 
-        if mlflow.active_run():
-            mlflow.log_artifact(plot, "plots")
-            mlflow.log_dict(outputs, f"outputs_{split}{'_' + ablation.replace(':', '_') if ablation else ''}.json")
-    except Exception as e:  # a plot that cannot be logged is not worth failing an evaluation
-        say(f"could not log {plot} to MLflow: {e}")
+    if mlflow.active_run():  # an artifact store that refuses them is an error: the rerun resumes from the tables
+        mlflow.log_artifact(plot, "plots")
+        mlflow.log_dict(outputs, f"outputs_{split}{'_' + ablation.replace(':', '_') if ablation else ''}.json")
     result = {"split": split, "ablation": ablation, "policies": policies, "outputs": outputs,
               "table1": metrics.format_table1(summary, tests, ablation=ablation),
               "output_table": metrics.format_output_report(outputs), "plot": str(Path(plot))}

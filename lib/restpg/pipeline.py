@@ -116,7 +116,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     bases = sorted({V.base_of(v) for v in wanted})
     data_deps = [fp_ret]
     if any(V.uses_reasoning(b) for b in bases):
-        fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher}, [fp_ret])
+        fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher}, [fp_ret],
+                                 fn=lambda rid, redo: importlib.import_module("restpg.reason").run(spark, s, run_id=rid, force=redo))
         data_deps.append(fp_reason)
     fp_data, _ = steps.run("sft_data", "", prompt_cfg | {"teacher": s.models.teacher}, data_deps, variants=bases)
     train_cfg = _cfg(s.train, s.evaluate, s.judge) | {"models": _cfg(s.models)}
@@ -135,13 +136,17 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
                 fp_s, _ = steps.run("sample", sl, _cfg(s.sample) | prompt_cfg, [policy_fp, fp_valid],
                                     fn=lambda rid, redo, v=variant, t=t: importlib.import_module("restpg.sample").run(
                                         spark, s, variant=v, iteration=t, run_id=rid, force=redo))
-                fp_j, judged = steps.run("judge", sl, _cfg(s.judge) | {"judge": judge_model(s), "template": prompts.template("judge").version}, [fp_s], variant=variant, iteration=t)
+                fp_j, judged = steps.run("judge", sl, _cfg(s.judge) | {"judge": judge_model(s), "template": prompts.template("judge").version}, [fp_s],
+                                         fn=lambda rid, redo, v=variant, t=t: importlib.import_module("restpg.judge").run(
+                                             spark, s, variant=v, iteration=t, run_id=rid, force=redo))
                 mean_reward.setdefault(variant, []).append(judged.get("mean_reward"))
                 fp_f, _ = steps.run("filtering", sl, _cfg(s.filter), [fp_j], variant=variant, iteration=t)
                 fp_model[(variant, t)], _ = steps.run("train", sl, train_cfg, [fp_f, policy_fp if s.train.restart_from == "previous" else ""],
                                                       variant=variant, iteration=t)
     finals = [fp_model[(v, V.final_iteration(v, T))] for v in wanted]
-    _, evaluated = steps.run("evaluate", f"split={s.evaluate.split}", _cfg(s.evaluate, s.judge, s.prompt), finals, variants=wanted)
+    _, evaluated = steps.run("evaluate", f"split={s.evaluate.split}", _cfg(s.evaluate, s.judge, s.prompt), finals,
+                             fn=lambda rid, redo: importlib.import_module("restpg.evaluate").run(
+                                 spark, s, run_id=rid, variants=wanted, force=redo))
     promotion = {}
     if em:
         _, promotion = steps.run("promote", "", _cfg(s.promote, s.evaluate, s.judge), finals,
