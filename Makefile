@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast paper-smoke install bench clean
+.PHONY: run test test-fast test-faults paper-smoke install bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,29 @@ run: $(STAMP)
 
 # The whole suite: unit, Spark stage tests, end-to-end runs with the packaged models.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not faults" tests
+
+# The fault suite: every long stage killed with SIGKILL and run again, malformed inputs, no tracking store (~8 min).
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m faults tests/test_faults.py
+
+# The Spark-, Delta- and MLflow-touching tests on the lowest supported Databricks runtime's versions
+# (requirements-compat.txt): only those packages go into .venv-compat; everything else (torch, the
+# packaged models, restpg itself) is .venv's, added after them on the path.
+COMPAT := .venv-compat
+COMPAT_TESTS := tests/test_catalog.py tests/test_notebooks.py tests/test_promote.py
+.PHONY: test-compat
+$(COMPAT)/.installed: requirements-compat.txt $(STAMP)
+	rm -rf $(COMPAT)
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q --no-deps -r requirements-compat.txt
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python3.11/site-packages')" \
+	  > $(COMPAT)/lib/python3.11/site-packages/zz_restpg_base.pth
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	$(COMPAT)/bin/python -c "from importlib.metadata import version as v; print('compat:', *(f'{p}=={v(p)}' for p in ('pyspark', 'delta-spark', 'mlflow')))"
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --durations=5 -m "not slow and not e2e and not faults" $(COMPAT_TESTS)
 
 # The inner loop: the tests that need no Spark session and no packaged model (under 2 minutes).
 test-fast: $(STAMP)
