@@ -277,13 +277,17 @@ def _save(writer, r: TableRef):
     return writer.save(r.path) if r.path else writer.saveAsTable(r.fqn)
 
 
-def _conflicts() -> tuple:
-    """Delta's optimistic-concurrency failures: another writer committed first; retrying re-reads the log."""
-    from delta import exceptions as e
+# Delta's optimistic-concurrency failures (another writer committed first; a retry re-reads the log), by
+# error condition: delta-spark 4.0 (runtime 17.3) has no Python classes for them, later releases do.
+_CONFLICTS = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED")
 
-    return (e.ConcurrentAppendException, e.ConcurrentDeleteReadException, e.ConcurrentDeleteDeleteException,
-            e.ConcurrentTransactionException, e.ConcurrentWriteException, e.MetadataChangedException,
-            e.ProtocolChangedException)
+
+def _is_conflict(e) -> bool:
+    condition = e.getCondition() or ""
+    return condition.startswith(_CONFLICTS) or type(e).__name__ in (
+        "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+        "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
+        "ProtocolChangedException")
 
 
 RETRIES = 8
@@ -293,11 +297,13 @@ retried = {"count": 0}  # conflicts retried by this process (the concurrency tes
 def _retrying(commit):
     """Run `commit` until no concurrent writer beats it. Every write here is idempotent (a slice
     overwrite or a keyed merge), so running it again after a conflict cannot duplicate rows."""
+    from pyspark.errors import PySparkException
+
     for attempt in range(RETRIES):
         try:
             return commit()
-        except _conflicts():
-            if attempt == RETRIES - 1:
+        except PySparkException as e:
+            if not _is_conflict(e) or attempt == RETRIES - 1:
                 raise
             retried["count"] += 1
             time.sleep(random.uniform(0.05, 0.2) * 2 ** attempt)
