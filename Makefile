@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast paper-smoke install bench clean
+.PHONY: run test test-fast test-faults paper-smoke install bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ run: $(STAMP)
 
 # The whole suite: unit, Spark stage tests, end-to-end runs with the packaged models.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not faults" tests
+
+# The fault suite: every long stage killed with SIGKILL and run again, malformed inputs, no tracking store (~8 min).
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m faults tests/test_faults.py
 
 # The Spark-, Delta- and MLflow-touching tests on the lowest supported Databricks runtime's versions
 # (requirements-compat.txt): only those packages go into .venv-compat; everything else (torch, the
