@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from restpg.cli import STAGES  # the one table of stages
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +25,8 @@ SFT_VARIANTS = ["sft", "sft_reasoning"]
 ITERATIONS = (1, 2, 3)
 # Entry points that load a model (retriever, teacher, policy, judge) or train one.
 # promote generates and judges too: it scores candidate, champion and baselines on the validation split.
-GPU_STAGES = {"retrieve", "reason", "validate_reward", "train", "sample", "judge", "evaluate", "promote", "pipeline"}
-STAGE_NAMES = {"ingest", "retrieve", "validate_reward", "reason", "sft_data", "train", "sample", "judge", "filtering",
-               "evaluate", "promote", "pipeline"}
+GPU_STAGES = {"retrieve", "reason", "validate_reward", "train", "sample", "judge", "evaluate", "promote", "pipeline",
+              "user_profiles", "peer_retrieve", "pat_sft", "sparse_eval"}
 RETIRED = {"synthesize_reasoning", "build_sft", "filter"}  # old stage names that must not come back
 # Bundle substitutions other than variables, with a stand-in value.
 OTHER_REFS = {"bundle.name": "restpg", "bundle.target": "dev", "workspace.current_user.userName": "someone@example.com"}
@@ -321,7 +321,7 @@ def test_task_keys_are_stage_names(name):
         key = task["task_key"]
         runs = task["for_each_task"]["task"] if "for_each_task" in task else task
         stage = _entry_point(runs).stem
-        assert stage in STAGE_NAMES, f"{name}.{key}: runs jobs/{stage}.py, not a stage"
+        assert stage in STAGES, f"{name}.{key}: runs jobs/{stage}.py, not a stage"
         assert re.fullmatch(rf"{stage}(_\d+)?", key), f"{name}: task {key!r} runs stage {stage!r}: name it after the stage"
         if runs is not task:
             assert runs["task_key"] == f"{key}_variant", f"{name}.{key}: nested task {runs['task_key']!r}"
