@@ -80,7 +80,10 @@ def run(spark, settings: Settings, *, variant: str, iteration: int = 0, run_id: 
                               init_ref=init_ref)
     lineage = {"variant": variant, "iteration": iteration, "init_ref": init_ref, "training_set_version": version,
                "run_id": run_id}
-    mlflow.log_params({**lineage, "train_rows": len(data.features), "dropped_too_long": data.dropped_too_long,
+    # the stage's own arguments (init_ref as asked, often None) are params of this run already: the
+    # checkpoint it resolved to is logged as start_ref, since MLflow never lets a param change value
+    params = {k: v for k, v in lineage.items() if k != "init_ref"}
+    mlflow.log_params({**params, "start_ref": init_ref, "train_rows": len(data.features), "dropped_too_long": data.dropped_too_long,
                        "prompts_over_budget": data.prompts_over_budget,
                        "selection_examples": len(sample.example_ids), "checkpoint_job": job.name,
                        **{f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()}}, run_id=run_id)
