@@ -145,7 +145,7 @@ def test_plain_and_reasoning_variants_have_separate_caps_and_a_parse(spark, home
         issues = rows.format_issue.fillna("ok").value_counts().to_dict()
         assert {k: v for k, v in report["format_issues"].items() if v} == {k: v for k, v in issues.items() if k != "ok"}
         assert report["format_ok_rate"] == pytest.approx(rows.format_ok.mean(), abs=1e-4)
-    plain, reasoning = sampled["rest_em"][2], sampled["rest_pg"][2]
+    plain, reasoning = sampled["rest_em"][3], sampled["rest_pg"][3]
     assert plain.format_ok.all() and (plain.response == plain.raw_text.str.strip()).all()
     # a random model never writes the separator: the decoder writes it at the reasoning budget
     assert reasoning.has_separator.all() and reasoning.reasoning_forced.all() and reasoning.reasoning.notna().all()
