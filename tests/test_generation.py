@@ -205,13 +205,18 @@ def _feed(rows: generation.Rows, text: str, end: bool = False) -> list[int]:
     return fed
 
 
-@pytest.mark.parametrize("ref", ["tiny", "gemma"])
-def test_separator_written_by_the_policy_starts_the_response_budget(ref, request, settings):
+def _tokenizer(ref: str, request, settings):
+    """The tiny model's tokenizer, or the packaged Gemma 3 270M's (digit-splitting, BOS-emitting; slow)."""
     from helpers import GEMMA
 
     if ref == "gemma":
         request.applymarker(pytest.mark.slow)
-    tokenizer = models.load_tokenizer(request.getfixturevalue("tiny") if ref == "tiny" else GEMMA, settings)
+    return models.load_tokenizer(request.getfixturevalue("tiny") if ref == "tiny" else GEMMA, settings)
+
+
+@pytest.mark.parametrize("ref", ["tiny", "gemma"])
+def test_separator_written_by_the_policy_starts_the_response_budget(ref, request, settings):
+    tokenizer = _tokenizer(ref, request, settings)
     rows = generation.Rows(tokenizer, 1, response_tokens=3, reasoning_tokens=50)
     fed = _feed(rows, "The user writes short, warm reviews." + prompts.SEPARATOR)
     assert not rows.reasoning[0] and not rows.forced[0] and not rows.done[0]
@@ -223,11 +228,7 @@ def test_separator_written_by_the_policy_starts_the_response_budget(ref, request
 
 @pytest.mark.parametrize("ref", ["tiny", "gemma"])
 def test_end_of_sequence_before_the_separator_is_replaced_by_it(ref, request, settings):
-    from helpers import GEMMA
-
-    if ref == "gemma":
-        request.applymarker(pytest.mark.slow)
-    tokenizer = models.load_tokenizer(request.getfixturevalue("tiny") if ref == "tiny" else GEMMA, settings)
+    tokenizer = _tokenizer(ref, request, settings)
     rows = generation.Rows(tokenizer, 1, response_tokens=20, reasoning_tokens=50)
     _feed(rows, "Short and warm.", end=True)  # ends without ever writing the separator
     assert rows.forced[0] and not rows.done[0]
