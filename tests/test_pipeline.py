@@ -1,6 +1,6 @@
 """`restpg pipeline` end to end on a tiny random model: every table written, lineage on every stage's
-run, a re-run that changes nothing, and a reasoning variant whose outputs are never well-formed stopping
-at the filter instead of training on them. (`make run` is the same pipeline with the packaged models.)"""
+run, a re-run that changes nothing, and a reasoning variant's malformed outputs never reaching its
+training set. (`make run` is the same pipeline with the packaged models.)"""
 from __future__ import annotations
 
 import pytest
@@ -68,14 +68,22 @@ def test_a_second_run_skips_every_stage_and_changes_nothing(spark, run):
 
 
 def test_a_reasoning_variant_never_trains_on_malformed_outputs(spark, run):
-    """A random policy never writes the separator: every REST-PG sample is judged format_ok = false with
-    reward 0, and the filter stops with the reason instead of training on an empty or malformed set."""
-    from restpg.filtering import NothingPassed
-
+    """A random policy rarely writes the separator or stops: the decoder forces the separator at the
+    reasoning budget (recorded as reasoning_forced), outputs that run into the response cap or have an empty
+    part are judged format_ok = false with reward 0, and the filter keeps none of them."""
     s, _ = run
-    with pytest.raises(NothingPassed, match="well-formed|format"):
-        cli.run_stage("pipeline", spark, s, variants=["sft_reasoning", "rest_pg"], force=[])
-    scores = catalog.read_slice(spark, s, "judge_scores", {"variant": "rest_pg", "iteration": 1}).toPandas()
-    assert len(scores) > 0 and not scores["format_ok"].any() and (scores["reward"] == 0).all()
-    assert set(scores["format_issue"]) <= {"no_separator", "empty_reasoning", "empty_response", "length_cap"}
-    assert catalog.read_slice(spark, s, "training_sets", {"variant": "rest_pg", "iteration": 1}).count() == 0
+    slice_ = {"variant": "rest_pg", "iteration": 1}
+    cli.run_stage("reason", spark, s)
+    cli.run_stage("sft_data", spark, s, variants=["sft_reasoning"])
+    cli.run_stage("train", spark, s, variant="sft_reasoning", iteration=0)
+    for stage in ("sample", "judge", "filtering"):
+        cli.run_stage(stage, spark, s, **slice_)
+    traj = catalog.read_slice(spark, s, "trajectories", slice_).toPandas()
+    assert traj["reasoning_forced"].any()  # a random policy needs the forced separator
+    scores = catalog.read_slice(spark, s, "judge_scores", slice_).toPandas()
+    bad = scores[~scores["format_ok"]]
+    assert len(bad) > 0 and (bad["reward"] == 0).all()  # a random policy also writes malformed outputs
+    assert set(bad["format_issue"]) <= {"empty_reasoning", "empty_response", "length_cap"}  # never no_separator
+    kept = catalog.read_slice(spark, s, "training_sets", slice_).toPandas()
+    ok = scores.set_index(["example_id", "sample_index"])["format_ok"]
+    assert len(kept) > 0 and all(ok[(r.example_id, r.sample_index)] for r in kept.itertuples())
