@@ -41,22 +41,24 @@ def test_values_of_the_right_type_but_wrong_meaning_are_errors(override, message
 
 
 @pytest.mark.slow
-def test_local_response_budget_holds_95_percent_of_demo_targets(tmp_path):
-    """The local profile's response budget is sized on the demo data in the policy's own tokenizer."""
+@pytest.mark.parametrize("profile", ["local", "local-gemma", "paper-smoke"])
+def test_demo_profiles_response_budget_holds_95_percent_of_demo_targets(tmp_path, profile):
+    """A demo-data profile's response budget is sized on the demo data in the policy's own tokenizer
+    (SmolLM2's for local, Gemma 3's, which splits digits, for the others)."""
     import json
 
     import numpy as np
 
     from restpg import demo_data, models
 
-    s = load_settings("local", home=str(tmp_path))
+    s = load_settings(profile, home=str(tmp_path))
     d = s.data
     path = demo_data.write(tmp_path / "demo.jsonl", users_per_task=d.demo_users, profile_items=d.demo_profile_items,
                            examples_per_user=d.demo_examples_per_user, seed=d.demo_seed)
     tokenizer = models.load_tokenizer(s.models.policy, s)
     lengths = np.array([len(tokenizer(json.loads(line)["output"], add_special_tokens=False).input_ids)
                         for line in path.read_text().splitlines()])
-    assert (lengths <= s.prompt.max_response_tokens).mean() >= 0.95
+    assert (lengths < s.prompt.max_response_tokens).mean() >= 0.95, np.percentile(lengths, 95)  # + end-of-sequence
 
 
 @pytest.mark.parametrize("override, message", [

@@ -23,8 +23,10 @@ REASONING_ROWS = [
     # the reasoning quotes the expected output; only the unrelated response may be judged
     ("e2", 2, f"- {EMAIL}{SEP}{UNRELATED}", True, (True, None, UNRELATED, f"- {EMAIL}")),
 ]
-PLAIN_ROWS = [("e1", 0, KETTLE, True, (True, None, KETTLE, None)), ("e1", 1, "", True, (True, None, "", None)),
-              ("e2", 0, f"- x{SEP}{EMAIL}", False, (True, None, f"- x{SEP}{EMAIL}".strip(), None))]
+# plain variants: the whole text is the response; empty or cut at the cap is unusable, as for reasoning variants
+PLAIN_ROWS = [("e1", 0, KETTLE, True, (True, None, KETTLE, None)), ("e1", 1, "", True, (False, "empty_response", "", None)),
+              ("e2", 0, f"- x{SEP}{EMAIL}", True, (True, None, f"- x{SEP}{EMAIL}".strip(), None)),
+              ("e2", 1, EMAIL, False, (False, "length_cap", "", None))]
 
 
 def examples():
@@ -110,9 +112,10 @@ def test_llm_judge_on_reasoning_and_plain_variants(spark, home, tiny_dir, tmp_pa
     assert all(set(dict(lp)) == {"1", "3", "5", "7", "10"} for lp in pg.criterion_logprobs[ok])
     assert set(pg.template_version) == {rewards.judge_template((1, 3, 5, 7, 10)).version}
     assert set(pg.judge_model) == {str(judge_dir)}
-    # plain variants are always well-formed: the whole text is the response, an empty one gets 0
-    assert em.format_ok.all() and em.format_issue.isna().all()
-    assert em.reward.tolist() == [1.0, 0.0, 1.0] and em.score.isna().tolist() == [False, True, False]
+    # plain variants: the whole text is the response; an empty or a cut one is unusable and gets 0 unjudged
+    assert em.format_ok.tolist() == [True, False, True, False]
+    assert em.format_issue.where(em.format_issue.notna(), None).tolist() == [None, "empty_response", None, "length_cap"]
+    assert em.reward.tolist() == [1.0, 0.0, 1.0, 0.0] and em.score.isna().tolist() == [False, True, False, True]
     assert report["format_ok_rate"] == pytest.approx(2 / 6, abs=1e-4) and report["reward_kind"] == "llm"
 
 

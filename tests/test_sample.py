@@ -53,7 +53,9 @@ def full_keys() -> list[tuple]:
 
 
 @pytest.mark.parametrize("variant, raw, finished, expected", [
-    ("rest_em", "  A fine kettle.  ", False, (None, "A fine kettle.", False, True, None)),
+    ("rest_em", "  A fine kettle.  ", True, (None, "A fine kettle.", False, True, None)),
+    ("rest_em", "  A fine kettle.  ", False, (None, "", False, False, prompts.LENGTH_CAP)),  # cut: as for rest_pg
+    ("rest_em", "  ", True, (None, "", False, False, prompts.EMPTY_RESPONSE)),
     ("rest_em", f"r{prompts.SEPARATOR}y", True, (None, f"r{prompts.SEPARATOR}y".strip(), False, True, None)),
     ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.", True, ("Likes tea.", "A fine kettle.", True, True, None)),
     ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.", False, ("Likes tea.", "", True, False, prompts.LENGTH_CAP)),
@@ -146,7 +148,10 @@ def test_plain_and_reasoning_variants_have_separate_caps_and_a_parse(spark, home
         assert {k: v for k, v in report["format_issues"].items() if v} == {k: v for k, v in issues.items() if k != "ok"}
         assert report["format_ok_rate"] == pytest.approx(rows.format_ok.mean(), abs=1e-4)
     plain, reasoning = sampled["rest_em"][3], sampled["rest_pg"][3]
-    assert plain.format_ok.all() and (plain.response == plain.raw_text.str.strip()).all()
+    # a plain row is usable when it ended on its own: its whole text is the response; a cut one is not
+    assert (plain.format_ok == (plain.finished & (plain.raw_text.str.strip() != ""))).all()
+    assert (plain[plain.format_ok].response == plain[plain.format_ok].raw_text.str.strip()).all()
+    assert set(plain[~plain.finished].format_issue) <= {prompts.LENGTH_CAP}
     # a random model never writes the separator: the decoder writes it at the reasoning budget
     assert reasoning.has_separator.all() and reasoning.reasoning_forced.all() and reasoning.reasoning.notna().all()
     assert (reasoning.format_issue.isna() | reasoning.format_issue.isin(prompts.FORMAT_ISSUES)).all()

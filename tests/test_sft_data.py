@@ -79,3 +79,16 @@ def test_both_variants_share_inputs_and_leave_out_unfit_rows(spark, tiny, tmp_pa
     assert list(again["variants"]) == ["sft"] and again["variants"]["sft"]["rows"] == 6
     after = catalog.read(spark, s, "training_sets").toPandas()
     assert len(after) == 8 and set(after[after["variant"] == "sft_reasoning"]["run_id"]) == {"b"}
+
+
+def test_a_variant_left_with_no_rows_fails_with_the_counts_and_the_budget(spark, tiny, tmp_path):
+    """Every target over the response budget: the stage names why and which setting, instead of leaving
+    training to fail on an empty slice."""
+    s = make_settings(tmp_path / "home", f"models.policy={tiny}", "prompt.max_input_tokens=200",
+                      "prompt.max_response_tokens=12")
+    write_rows(spark, s, "examples", [example_row(f"t{i}", "u1", target=LONG) for i in range(1, 4)])
+    write_rows(spark, s, "retrievals", [{"example_id": "t1", "retriever": s.models.retriever, "k": 1,
+                                         "items": [{"rank": 1, "item_id": "p", "score": 0.5, "text": "A tea review."}]}])
+    with pytest.raises(ValueError, match=r"no training rows for sft \(all 3 inputs left out: target_too_long=3\).*"
+                                         r"max_response_tokens=12"):
+        sft_data.run(spark, s, run_id="b", variants=["sft"])

@@ -74,9 +74,11 @@ def join_reasoning(reasoning: str, response: str) -> str:
     return f"{reasoning.strip()}{SEPARATOR}{response.strip()}"
 
 
-# Why a reasoning-variant output is unusable (format_ok = false: reward 0, never kept, an empty
-# response at evaluation). The paper's judge sees the response only; an output whose reasoning and
-# response cannot be told apart, that skipped the reasoning, or that was cut off has no response to judge.
+# Why an output is unusable (format_ok = false: reward 0, never kept, an empty response at evaluation).
+# The paper's judge sees the response only; an output whose reasoning and response cannot be told apart,
+# that skipped the reasoning, or that has no response has nothing to judge. An output cut at the length
+# cap (plain or reasoning variant alike) never ended: kept, it would teach the policy not to stop, and
+# judged, it would let a variant gain by rambling past its budget.
 NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP = "no_separator", "empty_reasoning", "empty_response", "length_cap"
 FORMAT_ISSUES = (NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP)
 
@@ -103,12 +105,14 @@ def output_budget(variant: str, max_reasoning_tokens: int, max_response_tokens: 
 def parse_output(variant: str, raw: str, finished: bool = True) -> Output:
     """Split a policy output into reasoning and response and check its format.
 
-    Plain variants: the whole text is the response (always format_ok). Reasoning variants need the
-    separator, a non-empty reasoning before it, a non-empty response after it, and to have stopped
-    on their own (end-of-sequence) rather than at the length cap."""
+    Every output must have stopped on its own (end-of-sequence) rather than at the length cap, the same
+    rule for plain and reasoning variants so they compare like with like. Plain variants: the whole
+    text is the response and must not be empty. Reasoning variants also need the separator, a non-empty
+    reasoning before it and a non-empty response after it."""
     raw = raw or ""
     if not uses_reasoning(variant):
-        return Output(None, raw.strip(), True, None)
+        issue = EMPTY_RESPONSE if not raw.strip() else LENGTH_CAP if not finished else None
+        return Output(None, "" if issue else raw.strip(), issue is None, issue)
     reasoning, response, found = split_reasoning(raw)
     issue = (NO_SEPARATOR if not found else EMPTY_REASONING if not reasoning else EMPTY_RESPONSE if not response
              else LENGTH_CAP if not finished else None)

@@ -133,6 +133,13 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
         result["variants"][name] = {"version": version, "rows": n, "left_out": left_out}
         result["rows"] += n
     _log_metrics(result)
+    empty = {name: r["left_out"] for name, r in result["variants"].items() if r["rows"] == 0}
+    if empty:
+        raise ValueError("sft_data: no training rows for " + "; ".join(
+            f"{name} (all {n_inputs} inputs left out: {', '.join(f'{k}={v}' for k, v in why.items() if v)})"
+            for name, why in empty.items())
+            + f"; the budgets are prompt.max_response_tokens={settings.prompt.max_response_tokens} and "
+              f"prompt.max_reasoning_tokens={settings.prompt.max_reasoning_tokens} (end-of-sequence included)")
     return result
 
 
