@@ -336,6 +336,17 @@ def scripted_score(calls, rewards):
     return score
 
 
+def scripted_curve(calls, rewards, steps):
+    """What the selector reports for a scripted score: the call's reward on each format-ok output and 0 on
+    the others (an unusable output's response reaches the scorer empty)."""
+    return [(step, r * sum(bool(x) for x in c["responses"]) / len(c["responses"])) for step, r, c in zip(steps, rewards, calls)]
+
+
+def best_of(curve):
+    """(step, reward) of the highest reward; ties keep the earlier step."""
+    return max(curve, key=lambda point: (point[1], -point[0]))
+
+
 def training_row(variant, iteration, i, completion=None, weight=1.0):
     return {"variant": variant, "iteration": iteration, "example_id": f"t{i}", "sample_index": -1, "task": "product_review",
             "prompt": TRAIN_PROMPTS[i % 6], "completion": completion or TARGETS[i % 6], "weight": weight}
@@ -384,8 +395,11 @@ def test_run_trains_selects_registers_and_logs(stage, tiny):
     assert result["device"] == "cpu" and result["steps"] == 6 and result["compilations"] == 0
     assert result["train_rows"] == 5 and result["dropped_too_long"] == 1  # weight-0 row left out, iteration 1 unread
     assert result["epochs"] == pytest.approx(6 * 4 / 5) and result["init_ref"] == tiny
-    assert result["selection_curve"] == [(0, 0.25), (3, 0.75), (6, 0.5)]
-    assert (result["best_step"], result["best_reward"], result["initial_reward"]) == (3, 0.75, 0.25)
+    curve = scripted_curve(calls, [0.25, 0.75, 0.5], [0, 3, 6])
+    assert [(s, pytest.approx(r)) for s, r in curve] == result["selection_curve"]
+    best_step, best_reward = best_of(curve)
+    assert (result["best_step"], result["best_reward"], result["initial_reward"]) == (best_step, pytest.approx(best_reward), pytest.approx(curve[0][1]))
+    assert any("" in c["responses"] for c in calls)  # a random model's outputs cut at the cap earn 0
     # the selection sample: 3 of the 4 validation examples, the same inputs at every evaluation
     assert len(calls) == 3 and all(c["targets"] == calls[0]["targets"] == sample.targets for c in calls)
     assert len(sample.targets) == 3 and all(t.startswith("val target") for t in sample.targets)
@@ -396,15 +410,15 @@ def test_run_trains_selects_registers_and_logs(stage, tiny):
     tags = client.get_model_version("tiny-policy", result["version"]).tags
     assert tags["variant"] == "sft" and tags["iteration"] == "0" and tags["init_ref"] == tiny
     assert tags["run_id"] == result["run_id"] and tags["training_set_version"] == str(result["training_set_version"])
-    assert float(tags["selection_reward"]) == pytest.approx(0.75)
+    assert float(tags["selection_reward"]) == pytest.approx(best_reward)
     history = sorted(client.get_metric_history(result["run_id"], "selection_reward"), key=lambda m: m.step)
-    assert [(m.step, m.value) for m in history] == [(0, 0.25), (3, 0.75), (6, 0.5)]
+    assert [(m.step, pytest.approx(m.value)) for m in history] == curve
     assert [m.step for m in client.get_metric_history(result["run_id"], "loss")] == [1, 2, 4, 6]
     out = Path(result["checkpoint_dir"])
     assert out.parent.parent == settings.home_dir / "checkpoints" and result["run_id"] not in str(out)
     assert not (out.parent / "resume").exists()  # the finished job's resume states are gone
     meta = json.loads((out / checkpoints.CHECKPOINT_META).read_text())
-    assert meta["best_step"] == 3 and meta["train_config"]["steps"] == 6
+    assert meta["best_step"] == best_step and meta["train_config"]["steps"] == 6
 
 
 def test_registered_checkpoint_is_the_selected_state(stage):
@@ -416,7 +430,8 @@ def test_registered_checkpoint_is_the_selected_state(stage):
     model, tokenizer = models.load_causal_lm(result["model_uri"], settings)
     replay = []
     selection.Selector(sample, tokenizer, settings, "sft", scripted_score(replay, [0.0]))(model)
-    assert replay[0]["responses"] == calls[1]["responses"]  # what step 3 wrote, not step 0 or step 6
+    at = {0: 0, 3: 1, 6: 2}[result["best_step"]]
+    assert replay[0]["responses"] == calls[at]["responses"]  # what the selected step wrote
     out = mlflow.pyfunc.load_model(result["model_uri"]).predict(["Write a review of a kettle."], params={"max_new_tokens": 4})
     assert len(out) == 1 and isinstance(out[0], str)
 
@@ -434,9 +449,12 @@ def test_restart_from_previous_starts_from_the_sampling_policy(stage, spark, tin
                            score=scripted_score(calls, [0.5, 0.5, 0.5]))
     assert result["init_ref"] == sft["model_uri"] and result["model_uri"] is None
     assert result["train_rows"] == 3 and result["steps"] == 6 and result["epochs"] == pytest.approx(8.0)
-    assert result["best_step"] == 0  # ties keep the earliest step
-    # step 0 is the registered SFT model (its step 3), not the base policy (SFT's step 0)
-    assert calls[0]["responses"] == sft_calls[1]["responses"] != sft_calls[0]["responses"]
+    curve = scripted_curve(calls, [0.5, 0.5, 0.5], [0, 3, 6])
+    assert result["best_step"] == best_of(curve)[0]  # ties keep the earliest step
+    # step 0 is the registered SFT model (its selected step), not the base policy (SFT's step 0)
+    at = {0: 0, 3: 1, 6: 2}[sft["best_step"]]
+    assert calls[0]["responses"] == sft_calls[at]["responses"]
+    assert at == 0 or calls[0]["responses"] != sft_calls[0]["responses"]
 
 
 def test_every_row_too_long_fails_with_the_numbers(stage, spark):

@@ -185,7 +185,9 @@ def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows:
     out = generation.generate_df(prompts_df.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
                                  top_p=cfg.top_p, iteration=-2, seed=settings.sample.seed,
                                  **generation.limits(settings, variant))
-    respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", bool(finished)).response, "string")
+    # the gate checks what the reward sees in the policy's text, not whether the policy stopped in time:
+    # a response cut at its budget is scored as it stands (the format rule is the filter's and evaluation's)
+    respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", True).response, "string")
     truth = spark.createDataFrame([(r["example_id"], r["input"], r["target"]) for r in rows], "eid string, input string, target string")
     return (out.withColumn("eid", F.split("example_id", r"\|").getItem(1))
             .join(truth, "eid").select(F.col("example_id").alias("key"), "input", "target",
