@@ -87,3 +87,19 @@ def test_a_reasoning_variant_never_trains_on_malformed_outputs(spark, run):
     kept = catalog.read_slice(spark, s, "training_sets", slice_).toPandas()
     ok = scores.set_index(["example_id", "sample_index"])["format_ok"]
     assert len(kept) > 0 and all(ok[(r.example_id, r.sample_index)] for r in kept.itertuples())
+
+
+def test_pat_runs_its_own_start_and_em_loop_in_the_pipeline(spark, run):
+    """`--variants pat`: user profiles, peers' cues and PAT's dual-reasoning SFT start come before its EM
+    iteration; sft_data is not asked for an EM variant, and PAT's policy inputs carry the peers' cues."""
+    s, _ = run
+    out = cli.run_stage("pipeline", spark, s, variants=["pat"], force=[])["results"]
+    assert {"user_profiles", "peer_retrieve", "pat_sft", "train [variant=pat/iteration=0]",
+            "sample [variant=pat/iteration=1]", "train [variant=pat/iteration=1]"} <= set(out)
+    sets = catalog.read(spark, s, "training_sets").where("variant = 'pat'").toPandas()
+    assert set(sets.iteration) == {0, 1} and set(sets[sets.iteration == 0].source) == {"gold"}
+    assert sets.template_version.str.startswith("policy_pat").all()
+    peers = catalog.read(spark, s, "peer_retrievals").toPandas()
+    assert len(peers) > 0 and (peers.peer_user_id != peers.user_id).all()  # never the user's own items
+    preds = catalog.read(spark, s, "eval_predictions").where("variant = 'pat' AND ablation = ''").count()
+    assert preds == catalog.read(spark, s, "examples").where(f"split = '{s.evaluate.split}'").count()

@@ -1,6 +1,7 @@
 """`restpg pipeline` (alias `run`): the stages in order, nothing else.
 
-ingest → retrieve → reason → sft_data → train (SFT) → validate_reward → per EM iteration t
+ingest → retrieve → reason → sft_data (→ user_profiles → peer_retrieve → pat_sft for PAT) → train (SFT)
+→ validate_reward → per EM iteration t
 (sample → judge → filtering → train) → evaluate → promote → notebooks. Every decision (which checkpoint
 a training job starts from, which model is the candidate) belongs to the stage; this module only orders
 them and skips a stage whose slice is complete for the same inputs and config (a fingerprint of the
@@ -21,8 +22,8 @@ from restpg import variants as V
 from restpg.config import Settings
 from restpg.tracking import say, stage_run
 
-STAGES = ("ingest", "retrieve", "reason", "sft_data", "train", "validate_reward", "sample", "judge", "filtering",
-          "evaluate", "promote", "notebooks")
+STAGES = ("ingest", "retrieve", "reason", "sft_data", "user_profiles", "peer_retrieve", "pat_sft", "train",
+          "validate_reward", "sample", "judge", "filtering", "evaluate", "promote", "notebooks")
 
 
 def _cfg(*sections) -> dict:
@@ -114,16 +115,25 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     prompt_cfg = _cfg(s.prompt, s.data) | {"policy": s.models.policy,
                                            "templates": [prompts.template(t).version for t in prompts.TEMPLATES]}
     bases = sorted({V.base_of(v) for v in wanted})
-    data_deps = [fp_ret]
-    if any(V.uses_reasoning(b) for b in bases):
-        fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher}, [fp_ret],
-                                 fn=lambda rid, redo: importlib.import_module("restpg.reason").run(spark, s, run_id=rid, force=redo))
-        data_deps.append(fp_reason)
-    fp_data, _ = steps.run("sft_data", "", prompt_cfg | {"teacher": s.models.teacher}, data_deps, variants=bases)
+    sft_bases = [b for b in bases if not V.is_em(b)]  # iteration 0 from sft_data; PAT writes its own (pat_sft)
+    fp_data0: dict[str, str] = {}
+    if sft_bases:
+        data_deps = [fp_ret]
+        if any(V.uses_reasoning(b) for b in sft_bases):
+            fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher}, [fp_ret],
+                                     fn=lambda rid, redo: importlib.import_module("restpg.reason").run(spark, s, run_id=rid, force=redo))
+            data_deps.append(fp_reason)
+        fp_data, _ = steps.run("sft_data", "", prompt_cfg | {"teacher": s.models.teacher}, data_deps, variants=sft_bases)
+        fp_data0.update({b: fp_data for b in sft_bases})
+    if any(V.uses_peers(b) for b in bases):  # PAT: user profiles → peers' style and topic cues → dual-reasoning SFT
+        fp_prof, _ = steps.run("user_profiles", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest])
+        fp_peer, _ = steps.run("peer_retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_prof, fp_ret])
+        fp_pat, _ = steps.run("pat_sft", "", _cfg(s.reason) | prompt_cfg | {"teacher": s.models.teacher}, [fp_peer])
+        fp_data0.update({b: fp_pat for b in bases if V.uses_peers(b)})
     train_cfg = _cfg(s.train, s.evaluate, s.judge) | {"models": _cfg(s.models)}
     fp_model: dict[tuple[str, int], str] = {}
     for base in bases:
-        fp_model[(base, 0)], _ = steps.run("train", f"variant={base}/iteration=0", train_cfg, [fp_data], variant=base, iteration=0)
+        fp_model[(base, 0)], _ = steps.run("train", f"variant={base}/iteration=0", train_cfg, [fp_data0[base]], variant=base, iteration=0)
     em = [v for v in wanted if V.is_em(v)]
     mean_reward: dict[str, list] = {}
     if em:

@@ -155,14 +155,14 @@ def direct_pairs(rows: list[dict]) -> list[tuple]:
 
 def sft_policy(settings: Settings) -> tuple[str, str]:
     """(model URI, variant) of the SFT model the check runs on: plain SFT when trained (its outputs are
-    always well-formed, so the check measures the reward and not the output format), else SFT with reasoning."""
+    plainest format, so the check measures the reward and not the output format), else SFT with reasoning,
+else PAT's iteration 0."""
     from restpg import registry
 
-    for variant in ("sft", "sft_reasoning"):
-        try:
-            return registry.final_policy(settings, variant, settings.loop.iterations), variant
-        except LookupError:
-            continue
+    for variant in ("sft", "sft_reasoning", "pat"):  # pat's iteration 0 is its SFT start
+        uri = registry.trained_version(settings, variant, 0)
+        if uri is not None:
+            return uri, variant
     raise LookupError("reward validation runs on the SFT model, and none is trained yet: run `restpg train --variant "
                       "sft_reasoning --iteration 0` (or --variant sft) first, or pass a policy")
 
