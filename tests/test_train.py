@@ -238,6 +238,37 @@ def test_selection_keeps_the_step_with_the_best_reward(tokenizer, rewards, best)
     assert not all(torch.equal(p, select.states[-1][n]) for n, p in model.named_parameters())
 
 
+class FormatSelector(ScriptedSelector):
+    """A ScriptedSelector that also reports which outputs were format-ok, as `selection.Selector.last` does."""
+
+    def __init__(self, rewards, ok_rates, n=4):
+        super().__init__(rewards)
+        self.ok_rates, self.n, self.last = ok_rates, n, {}
+
+    def __call__(self, model):
+        reward = super().__call__(model)
+        k = round(self.ok_rates[len(self.states) - 1] * self.n)
+        self.last = {"format_ok": [True] * k + [False] * (self.n - k)}
+        return reward
+
+
+@pytest.mark.parametrize("rewards, ok_rates, best", [
+    ([0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.25, 0.5, 0.5, 0.0], 2),  # equal rewards: more usable outputs win, then earlier
+    ([0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], 4),   # nothing usable anywhere: the last step, not the start
+    ([0.2, 0.1, 0.0, 0.0, 0.0], [0.25, 1.0, 0.0, 0.0, 0.0], 0),  # the reward comes first
+])
+def test_selection_breaks_ties_by_format_and_never_keeps_an_unusable_start(tokenizer, rewards, ok_rates, best):
+    select, logged = FormatSelector(rewards, ok_rates), []
+    model = make_model(tokenizer)
+    result = trainer.fit(model, featurize(tokenizer, 8), small_cfg(steps=8, eval_every=2, log_every=2), pad_id=0,
+                         select=select, log_metrics=lambda m, step: logged.append((step, m.get("selection_format_ok"))))
+    steps = [0, 2, 4, 6, 8]
+    assert result.best_step == steps[best] and result.best_reward == rewards[best]
+    assert [x for x in logged if x[1] is not None] == list(zip(steps, ok_rates))
+    kept = select.states[best]
+    assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters())
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tokenizer, tmp_path):
     cfg = small_cfg(steps=8, eval_every=2, checkpoint_every=3, log_every=1, lr=1e-2)
     rows = featurize(tokenizer, 6)
@@ -343,7 +374,10 @@ def scripted_curve(calls, rewards, steps):
 
 
 def best_of(curve):
-    """(step, reward) of the highest reward; ties keep the earlier step."""
+    """(step, reward) of the highest reward; ties keep the earlier step; all 0 (for a scripted score: no
+    format-ok output at any step) keeps the last."""
+    if all(r == 0 for _, r in curve):
+        return curve[-1]
     return max(curve, key=lambda point: (point[1], -point[0]))
 
 

@@ -55,6 +55,12 @@ def _trainable_state(model) -> dict:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _format_ok_rate(select) -> float | None:
+    """Share of format-ok outputs in the selector's latest call (`Selector.last`), None when it keeps none."""
+    ok = getattr(select, "last", {}).get("format_ok")
+    return sum(map(bool, ok)) / len(ok) if ok else None
+
+
 def _reward(select: Select, model, twin, kind: str) -> float:
     """Selection reward of the model's current state. On XLA a CPU twin generates (token-by-token
     decoding would compile a graph per length); elsewhere the training model itself, in eval mode."""
@@ -95,6 +101,7 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
 
     start, curve = 0, []
     best_step, best_reward, best_state = total_steps, -math.inf, None  # without a selector the last step is kept
+    best_ok = -math.inf  # format-ok rate of the best step: breaks reward ties (see _format_ok_rate)
     first_loss = final_loss = math.nan
     tokens, train_seconds, step_seconds, pending = 0, 0.0, [], []
     if resume is not None:
@@ -103,17 +110,20 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         first_loss, final_loss = resume["first_loss"], resume["final_loss"]
         tokens, train_seconds = resume["tokens"], resume["train_seconds"]
         best_step, best_reward, best_state = resume["best"]["step"], resume["best"]["reward"], resume["best"]["params"]
+        best_ok = resume["best"].get("ok", 0.0)
         if best_state is None and select is not None and best_step == start:  # saved once, as the current params
             best_state = _trainable_state(model)
 
     def evaluate(step: int) -> None:
-        nonlocal best_step, best_reward, best_state
+        nonlocal best_step, best_reward, best_state, best_ok
         reward = _reward(select, model, twin, kind)
+        ok = _format_ok_rate(select)
         curve.append((step, reward))
-        log_metrics({"selection_reward": reward}, step)
-        say(f"train step {step}/{total_steps} | selection reward {reward:.4f}")
-        if reward > best_reward:  # ties keep the earlier step; a nan reward is never the best
-            best_step, best_reward, best_state = step, reward, _trainable_state(model)
+        log_metrics({"selection_reward": reward, **({} if ok is None else {"selection_format_ok": ok})}, step)
+        say(f"train step {step}/{total_steps} | selection reward {reward:.4f}" + ("" if ok is None else f" | format ok {ok:.0%}"))
+        # the higher reward wins, then the higher format-ok rate; full ties keep the earlier step; nan never wins
+        if reward > best_reward or (reward == best_reward and (ok or 0.0) > best_ok):
+            best_step, best_reward, best_state, best_ok = step, reward, _trainable_state(model), ok or 0.0
 
     if select is not None and start == 0:
         evaluate(0)
@@ -162,13 +172,18 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         if store is not None and cfg.checkpoint_every > 0 and (step == total_steps or step % cfg.checkpoint_every == 0):
             store.save({"step": step, "params": _trainable_state(model), "optimizer": optimizer.state_dict(),
                         "data_order": order.state_dict(), "torch_rng": torch.get_rng_state(), "curve": curve,
-                        "best": {"step": best_step, "reward": best_reward,  # the current params when best_step == step
+                        "best": {"step": best_step, "reward": best_reward, "ok": best_ok,  # current params when best_step == step
                                  "params": best_state if best_step != step else None},
                         "first_loss": first_loss, "final_loss": final_loss, "tokens": tokens,
                         "train_seconds": train_seconds})
         if stop_after_steps is not None and step >= stop_after_steps:
             raise TrainingInterrupted(f"stopped after step {step}")
 
+    if len(curve) > 1 and best_reward == 0.0 and best_ok == 0.0:
+        # no step wrote one usable output (every reward 0 for its format): no evidence for an earlier step,
+        # so the most trained one is kept rather than the untrained start
+        say(f"train: no selection output was usable at any step; keeping the last step ({total_steps})")
+        best_step, best_state = total_steps, _trainable_state(model)
     compilations = xla_compilations() - compiled_before if kind == "xla" else 0
     model.to("cpu")
     if best_state is not None and best_step != total_steps:
