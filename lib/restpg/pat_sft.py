@@ -55,25 +55,10 @@ def _teacher_inputs(spark, settings: Settings, examples):
 
 def write_paths(spark, settings: Settings, inputs, run_id: str) -> int:
     """Teacher dual-reasoning paths of `inputs` → their slice of reasoning_paths (replaced)."""
-    from pyspark.sql import functions as F
+    from restpg.reason import teacher_paths
 
-    from restpg import generation
-    from restpg.reason import copy_overlap
-
-    cfg, slice_ = settings.reason, path_slice(settings)
-    samples = generation.generate_df(
-        _teacher_inputs(spark, settings, inputs), slice_["teacher"], settings, m=1, temperature=cfg.temperature,
-        top_p=cfg.top_p, max_new_tokens=settings.prompt.max_reasoning_tokens, iteration=0, seed=settings.sample.seed,
-        chat=True)
-    n, threshold = cfg.copy_ngram, cfg.copy_threshold
-    overlap = F.udf(lambda r, t: copy_overlap(r or "", t or "", n), "double")
-    reasoning = F.when(F.length(F.trim("text")) > 0, F.concat(F.lit(PREFIX + " "), F.trim("text"))).otherwise(F.lit(""))
-    out = (samples.join(inputs.select("example_id", "task", "target"), "example_id")
-           .select("example_id", "task", F.lit(slice_["teacher"]).alias("teacher"),
-                   F.lit(slice_["template_version"]).alias("template_version"), reasoning.alias("reasoning"),
-                   overlap(F.col("text"), F.col("target")).alias("copy_overlap"), "prompt_truncated", "n_tokens", "finished")
-           .withColumn("copied", F.col("copy_overlap") > threshold)
-           .withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+    slice_ = path_slice(settings)
+    out = teacher_paths(spark, settings, _teacher_inputs(spark, settings, inputs), inputs, slice_, run_id, prefix=PREFIX)
     return catalog.replace_slice(spark, settings, out, "reasoning_paths", slice_, run_id)
 
 

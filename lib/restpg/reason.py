@@ -62,26 +62,34 @@ def path_slice(settings: Settings) -> dict:
             "template_version": prompts.template("teacher_reasoning").version}
 
 
-def _reason_chunk(spark, settings: Settings, part, slice_: dict, run_id: str) -> int:
-    """Teacher paths of the examples in `part`, committed with an insert-only MERGE; the new version."""
+def teacher_paths(spark, settings: Settings, teacher_prompts, part, slice_: dict, run_id: str, prefix: str = ""):
+    """reasoning_paths rows: the teacher's answer to each of `teacher_prompts` (example_id, prompt) within
+    the reasoning budget, `prefix` before a non-empty one, flagged `copied` when it quotes `part`'s target."""
     from pyspark.sql import functions as F
 
     from restpg import generation
 
     cfg = settings.reason
     samples = generation.generate_df(
-        teacher_inputs(spark, settings, part), slice_["teacher"], settings, m=1, temperature=cfg.temperature,
-        top_p=cfg.top_p, max_new_tokens=settings.prompt.max_reasoning_tokens, iteration=0, seed=settings.sample.seed,
-        chat=True)
+        teacher_prompts, slice_["teacher"], settings, m=1, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_new_tokens=settings.prompt.max_reasoning_tokens, iteration=0, seed=settings.sample.seed, chat=True)
     n, threshold = cfg.copy_ngram, cfg.copy_threshold
     overlap = F.udf(lambda r, t: copy_overlap(r or "", t or "", n), "double")
-    out = (samples.join(part.select("example_id", "task", "target"), "example_id")
-           .select("example_id", "task", F.lit(slice_["teacher"]).alias("teacher"),
-                   F.lit(slice_["template_version"]).alias("template_version"),
-                   F.trim("text").alias("reasoning"), overlap(F.col("text"), F.col("target")).alias("copy_overlap"),
-                   "prompt_truncated", "n_tokens", "finished")
-           .withColumn("copied", F.col("copy_overlap") > threshold)
-           .withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+    reasoning = F.trim("text")
+    if prefix:
+        reasoning = F.when(F.length(reasoning) > 0, F.concat(F.lit(prefix + " "), reasoning)).otherwise(F.lit(""))
+    return (samples.join(part.select("example_id", "task", "target"), "example_id")
+            .select("example_id", "task", F.lit(slice_["teacher"]).alias("teacher"),
+                    F.lit(slice_["template_version"]).alias("template_version"),
+                    reasoning.alias("reasoning"), overlap(F.col("text"), F.col("target")).alias("copy_overlap"),
+                    "prompt_truncated", "n_tokens", "finished")
+            .withColumn("copied", F.col("copy_overlap") > threshold)
+            .withColumn("run_id", F.lit(run_id)).withColumn("created_at", F.current_timestamp()))
+
+
+def _reason_chunk(spark, settings: Settings, part, slice_: dict, run_id: str) -> int:
+    """Teacher paths of the examples in `part`, committed with an insert-only MERGE; the new version."""
+    out = teacher_paths(spark, settings, teacher_inputs(spark, settings, part), part, slice_, run_id)
     return catalog.merge(spark, settings, out, "reasoning_paths", run_id, slice_=slice_)
 
 
