@@ -294,6 +294,25 @@ def test_task_compute(entry):
             assert cluster.get("spark_env_vars", {}).get("PJRT_DEVICE") == "CUDA", "torch-xla would train on PJRT CPU"
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_every_training_task_takes_its_process_count_from_the_bundle(workers, tmp_path):
+    """`train_workers` reaches every train task as train.num_workers (multi-GPU training is one variable away)."""
+    from restpg.cli import build_parser
+    from restpg.config import load_settings
+
+    jobs = {}
+    for path in sorted(RESOURCES.glob("*.yml")):
+        for name, job in (_yaml(path).get("resources", {}).get("jobs") or {}).items():
+            jobs[name] = _substitute(job, {**_variables("dev"), "train_workers": workers})
+    trains = [t for job in jobs.values() for t, _ in _all_tasks(job)
+              if "spark_python_task" in t and _entry_point(t).stem == "train"]
+    assert len(trains) >= 4  # SFT and the three M-steps of the pipeline, and PAT's
+    for task in trains:
+        argv = ["train"] + [DYNAMIC_REF.sub("sft", a) for a in task["spark_python_task"]["parameters"]]
+        args = build_parser().parse_args(argv)
+        assert load_settings(args.profile, args.overrides, home=str(tmp_path)).train.num_workers == workers, task["task_key"]
+
+
 @pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
 def test_task_parameters_parse_with_the_restpg_cli(entry, tmp_path):
     from restpg.cli import STAGES, build_parser

@@ -304,6 +304,40 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tokenizer, tmp_p
         assert torch.allclose(p, q, atol=1e-5)
 
 
+def test_two_workers_under_torch_distributor_match_one_process(spark, tokenizer, tmp_path):
+    """train.num_workers = 2: two torchrun processes (gloo) split each step's four micro-batches, and
+    the loss curve, the selection curve and the selected weights are the single process's."""
+    import sys
+
+    from pyspark import cloudpickle
+
+    from restpg.training import distributed
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the selector below travels to rank 0 by value
+    cfg = small_cfg(steps=6, batch_size=4, micro_batch_size=1, eval_every=3, checkpoint_every=3, log_every=1, lr=1e-2)
+    rows = featurize(tokenizer, 8)
+    select = heldout_reward(tokenizer, featurize(tokenizer, 12)[8:])
+    start = tmp_path / "start"
+    make_model(tokenizer).save_pretrained(start)
+
+    one_losses = {}
+    one = checkpoints.load_for_training(start, cfg)
+    expected = trainer.fit(one, rows, cfg, pad_id=0, select=select,
+                           log_metrics=lambda m, step: one_losses.__setitem__(step, m["loss"]) if "loss" in m else None)
+    model, result, metrics = distributed.fit(start, rows, cfg, num_workers=2, pad_id=0, select=select,
+                                             store_root=tmp_path / "resume", out_dir=tmp_path / "dist")
+    assert result.workers == 2 and expected.workers == 1 and result.device == "cpu"
+    losses = {step: m["loss"] for m, step in metrics if "loss" in m}
+    assert sorted(losses) == sorted(one_losses) == list(range(1, 7))
+    assert [losses[k] for k in range(1, 7)] == pytest.approx([one_losses[k] for k in range(1, 7)], rel=1e-4)
+    assert [s for s, _ in result.curve] == [0, 3, 6]
+    assert [r for _, r in result.curve] == pytest.approx([r for _, r in expected.curve], rel=1e-4)
+    assert result.best_step == expected.best_step
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == ["state-00000006"]  # rank 0 wrote the resume states
+    for (name, p), q in zip(one.named_parameters(), model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
 def test_xla_matches_eager(tokenizer):
     # AdamW here; Adafactor on XLA runs in the stage test below
     cfg = small_cfg(optimizer="adamw", steps=3, eval_every=3, log_every=1, lr=1e-3, length_buckets=[32])
@@ -489,6 +523,29 @@ def test_restart_from_previous_starts_from_the_sampling_policy(stage, spark, tin
     at = {0: 0, 3: 1, 6: 2}[sft["best_step"]]
     assert calls[0]["responses"] == sft_calls[at]["responses"]
     assert at == 0 or calls[0]["responses"] != sft_calls[0]["responses"]
+
+
+def test_run_with_two_workers_logs_the_single_process_curves(stage, spark):
+    """The stage with train.num_workers=2: TorchDistributor, the real selection reward on rank 0, the
+    metrics logged by the driver; the same loss and selection curves as one process."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    settings = stage[0]
+    results, losses = {}, {}
+    for workers in (1, 2):
+        s = dataclasses.replace(settings, train=dataclasses.replace(settings.train, num_workers=workers))
+        with mlflow.start_run(run_name=f"train-{workers}-workers") as run:
+            results[workers] = train.run(spark, s, variant="rest_em", iteration=1, run_id=run.info.run_id, register=False)
+        losses[workers] = [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run.info.run_id, "loss"),
+                                                              key=lambda m: m.step)]
+    one, two = results[1], results[2]
+    assert (one["workers"], two["workers"]) == (1, 2) and two["steps"] == one["steps"] == 6
+    assert [s for s, _ in losses[2]] == [s for s, _ in losses[1]] == [1, 2, 4, 6]
+    assert [v for _, v in losses[2]] == pytest.approx([v for _, v in losses[1]], rel=1e-4)
+    assert [s for s, _ in two["selection_curve"]] == [0, 3, 6]
+    assert [r for _, r in two["selection_curve"]] == pytest.approx([r for _, r in one["selection_curve"]], abs=1e-4)
+    assert two["best_step"] == one["best_step"] and two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
 
 
 def test_every_row_too_long_fails_with_the_numbers(stage, spark):

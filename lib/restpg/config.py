@@ -133,6 +133,7 @@ class TrainConfig:
     checkpoint_every: int = _f(500, "save model + optimizer + step every N steps, so a killed job resumes (0 = never)")
     restart_from: str = _f("base", "M-step init: 'base' (paper) or 'previous' checkpoint")
     lora_rank: int = _f(0, "LoRA rank (0 = full fine-tuning)")
+    num_workers: int = _f(1, "training processes; > 1 runs the job under Spark's TorchDistributor (gloo on CPUs, NCCL on GPUs, one per GPU)")
     seed: int = _f(0, "training seed")
     log_every: int = _f(10, "log metrics to MLflow every N steps")
 
@@ -295,7 +296,7 @@ def _check(s: Settings) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    for key in ("prompt.max_reasoning_tokens", "prompt.max_response_tokens", "train.steps", "sample.m"):
+    for key in ("prompt.max_reasoning_tokens", "prompt.max_response_tokens", "train.steps", "train.num_workers", "sample.m"):
         section, name = key.split(".")
         if getattr(getattr(s, section), name) < 1:
             raise ConfigError(f"{key} must be at least 1")

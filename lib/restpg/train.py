@@ -88,17 +88,28 @@ def run(spark, settings: Settings, *, variant: str, iteration: int = 0, run_id: 
                        "selection_examples": len(sample.example_ids), "checkpoint_job": job.name,
                        **{f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()}}, run_id=run_id)
 
-    torch.manual_seed(cfg.seed)
-    model = checkpoints.load_for_training(models.checkpoint_dir(init_ref, settings), cfg)
     store = checkpoints.ResumeStore(job / "resume") if cfg.checkpoint_every > 0 else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    fit = trainer.fit(model, data.features, cfg, pad_id=pad_id, select=selector, store=store,
-                      log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step, run_id=run_id))
+    start_dir = models.checkpoint_dir(init_ref, settings)
+    if cfg.num_workers > 1:
+        from restpg.training import distributed
+
+        model, fit, metrics = distributed.fit(start_dir, data.features, cfg, num_workers=cfg.num_workers, pad_id=pad_id,
+                                              select=selector, store_root=store and store.root, out_dir=job / "distributed",
+                                              local_mode=spark.sparkContext.master.startswith("local"))
+        for values, step in metrics:
+            mlflow.log_metrics(values, step=step, run_id=run_id)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = checkpoints.load_for_training(start_dir, cfg)
+        fit = trainer.fit(model, data.features, cfg, pad_id=pad_id, select=selector, store=store,
+                          log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step, run_id=run_id))
 
     summary = {**lineage, "steps": fit.steps, "best_step": fit.best_step, "first_loss": fit.first_loss,
                "final_loss": fit.final_loss, "initial_reward": fit.initial_reward, "best_reward": fit.best_reward,
                "selection_curve": fit.curve, "selection_examples": len(sample.example_ids),
-               "tokens_per_s": fit.tokens_per_s, "device": fit.device, "compilations": fit.compilations,
+               "tokens_per_s": fit.tokens_per_s, "device": fit.device, "workers": fit.workers,
+               "compilations": fit.compilations,
                "train_rows": len(data.features), "dropped_too_long": data.dropped_too_long,
                "epochs": round(fit.epochs, 4), "resumed_from": fit.resumed_from}
     out = checkpoints.save_model(model, tokenizer, job / "model",

@@ -49,6 +49,7 @@ class FitResult:
     epochs: float  # passes over the training rows
     resumed_from: int = 0  # the step a resume state brought this job to (0 = a fresh start)
     step_seconds: list = field(default_factory=list)  # wall time per step of this process, exact only where the loss was fetched
+    workers: int = 1  # processes that shared each step's micro-batches
 
 
 def _trainable_state(model) -> dict:
@@ -76,12 +77,33 @@ def _reward(select: Select, model, twin, kind: str) -> float:
         model.train()
 
 
+def _all_reduce(params, step_loss) -> None:
+    """Sum every rank's gradients and step loss (one flat buffer, one collective). Each rank's loss is
+    already divided by the whole step's token weight, so the sum is the single-process gradient."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [step_loss.reshape(1)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    step_loss.copy_(flat[-1])
+
+
 def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Select | None = None,
-        store: ResumeStore | None = None, log_metrics=None, stop_after_steps: int | None = None) -> FitResult:
+        store: ResumeStore | None = None, log_metrics=None, stop_after_steps: int | None = None,
+        rank: int = 0, world: int = 1) -> FitResult:
     """Train `model` in place for cfg.steps steps on `rows` (features with a "weight"), leaving the
     selected state in it, on the CPU. `store`: resume from its latest state and save one every
     cfg.checkpoint_every steps and at the end. `log_metrics(metrics, step)`: loss, lr, tokens/s,
-    selection_reward."""
+    selection_reward.
+
+    With `world` > 1 this is one of `world` processes of an initialised torch.distributed group
+    (`restpg.training.distributed`): every rank draws the same step (same seed, same row order) and
+    computes the gradients of its share of the step's micro-batches; the summed gradients make every
+    rank take the same optimizer step. Only rank 0 selects checkpoints and writes resume states."""
     dev, kind = pick_device(cfg.device)
     total_steps, order = cfg.steps, DataOrder(len(rows), cfg.seed)
     resume = store.latest() if store is not None else None
@@ -89,7 +111,8 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         model.load_state_dict(resume["params"], strict=False)
         order.load_state_dict(resume["data_order"])
         torch.set_rng_state(resume["torch_rng"])
-        say(f"train: resuming at step {resume['step']}/{total_steps} from {store.root}")
+        if rank == 0:
+            say(f"train: resuming at step {resume['step']}/{total_steps} from {store.root}")
     twin = copy.deepcopy(model) if select is not None and kind == "xla" else None
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -140,12 +163,14 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         # one normaliser for the whole step, as a device tensor (a Python float would be a graph constant)
         denominator = torch.tensor(max(sum(weighted_tokens(b["labels"], b["weights"]) for b in step_batches), 1e-8), device=dev)
         step_loss = torch.zeros((), device=dev)
-        for b in step_batches:
+        for b in step_batches[rank::world]:
             logits = model(input_ids=b["input_ids"].to(dev), use_cache=False).logits
             loss = weighted_nll(logits, b["labels"].to(dev), b["weights"].to(dev), denominator)
             loss.backward()
             step_loss = step_loss + loss.detach()
             sync(kind)
+        if world > 1:
+            _all_reduce(params, step_loss)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -164,12 +189,13 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         if logging_step:
             rate = tokens / max(train_seconds, 1e-9)
             eta = (time.time() - started) / (step - start) * (total_steps - step)
-            say(f"train step {step}/{total_steps} | loss {final_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s | eta {eta:.0f}s")
+            if rank == 0:
+                say(f"train step {step}/{total_steps} | loss {final_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s | eta {eta:.0f}s")
             log_metrics({"loss": final_loss, "lr": lr, "tokens_per_s": rate}, step)
 
         if select is not None and (step == total_steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             evaluate(step)
-        if store is not None and cfg.checkpoint_every > 0 and (step == total_steps or step % cfg.checkpoint_every == 0):
+        if store is not None and rank == 0 and cfg.checkpoint_every > 0 and (step == total_steps or step % cfg.checkpoint_every == 0):
             store.save({"step": step, "params": _trainable_state(model), "optimizer": optimizer.state_dict(),
                         "data_order": order.state_dict(), "torch_rng": torch.get_rng_state(), "curve": curve,
                         "best": {"step": best_step, "reward": best_reward, "ok": best_ok,  # current params when best_step == step
@@ -190,4 +216,4 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         model.load_state_dict(best_state, strict=False)
     return FitResult(total_steps, first_loss, final_loss, best_step, best_reward if best_state is not None else math.nan,
                      curve[0][1] if curve else math.nan, curve, tokens / max(train_seconds, 1e-9), compilations, kind,
-                     order.epochs, start, step_seconds)
+                     order.epochs, start, step_seconds, world)
