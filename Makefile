@@ -37,7 +37,8 @@ test-faults: $(STAMP)
 # (requirements-compat.txt): only those packages go into .venv-compat; everything else (torch, the
 # packaged models, restpg itself) is .venv's, added after them on the path.
 COMPAT := .venv-compat
-COMPAT_TESTS := tests/test_catalog.py tests/test_notebooks.py tests/test_promote.py
+COMPAT_TESTS := tests/test_catalog.py tests/test_notebooks.py tests/test_promote.py \
+  tests/test_train.py::test_two_workers_under_torch_distributor_match_one_process
 .PHONY: test-compat
 $(COMPAT)/.installed: requirements-compat.txt $(STAMP)
 	rm -rf $(COMPAT)

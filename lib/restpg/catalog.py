@@ -280,14 +280,31 @@ def _save(writer, r: TableRef):
 # Delta's optimistic-concurrency failures (another writer committed first; a retry re-reads the log), by
 # error condition: delta-spark 4.0 (runtime 17.3) has no Python classes for them, later releases do.
 _CONFLICTS = ("DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED")
+_CONFLICT_CLASSES = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+                     "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
+                     "ProtocolChangedException")
 
 
 def _is_conflict(e) -> bool:
+    """A Delta write conflict, however PySpark surfaced it: a converted exception with its error
+    condition (Spark 4.1+), or a raw Py4JJavaError whose Java exception (or a cause of it) is one of
+    Delta's concurrency exceptions (pyspark 4.0 / delta-spark 4.0, runtime 17.3)."""
+    from py4j.protocol import Py4JError, Py4JJavaError
+
+    if isinstance(e, Py4JJavaError):
+        java, depth = e.java_exception, 0
+        while java is not None and depth < 5:
+            try:
+                name = java.getClass().getSimpleName()
+                condition = java.getErrorClass()
+            except Py4JError:  # not a SparkThrowable: no error class
+                condition = None
+            if name in _CONFLICT_CLASSES or (condition or "").startswith(_CONFLICTS):
+                return True
+            java, depth = java.getCause(), depth + 1
+        return False
     condition = e.getCondition() or ""
-    return condition.startswith(_CONFLICTS) or type(e).__name__ in (
-        "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
-        "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
-        "ProtocolChangedException")
+    return condition.startswith(_CONFLICTS) or type(e).__name__ in _CONFLICT_CLASSES
 
 
 RETRIES = 8
@@ -297,12 +314,13 @@ retried = {"count": 0}  # conflicts retried by this process (the concurrency tes
 def _retrying(commit):
     """Run `commit` until no concurrent writer beats it. Every write here is idempotent (a slice
     overwrite or a keyed merge), so running it again after a conflict cannot duplicate rows."""
+    from py4j.protocol import Py4JJavaError
     from pyspark.errors import PySparkException
 
     for attempt in range(RETRIES):
         try:
             return commit()
-        except PySparkException as e:
+        except (PySparkException, Py4JJavaError) as e:
             if not _is_conflict(e) or attempt == RETRIES - 1:
                 raise
             retried["count"] += 1
