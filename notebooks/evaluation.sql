@@ -107,6 +107,18 @@ ORDER BY ablation, variant
 
 -- COMMAND ----------
 
+-- PAT on sparse profiles (`restpg sparse_eval`): macro judge score against the size of the target user's own
+-- profile, per variant. PAT's claim holds only where `pat` beats both `pat:random_peers` (the same policy with
+-- random peers) and `rest_pg` at sizes 0-1; the paired t-tests are in eval_tests under the same ablation.
+-- chart: line x=profile_size y=macro_judge_score series=variant title="Judge score vs the user's own profile size"
+SELECT regexp_extract(ablation, '^profile_size=(.+)$', 1) AS profile_size, variant, mean AS macro_judge_score, n
+FROM eval_summary
+WHERE ablation LIKE 'profile_size=%' AND task = 'macro' AND metric = 'judge_score'
+ORDER BY CASE WHEN ablation = 'profile_size=all' THEN 1 ELSE 0 END,
+         try_cast(regexp_extract(ablation, '^profile_size=(.+)$', 1) AS INT), variant
+
+-- COMMAND ----------
+
 -- Promotion decisions, newest first: the candidate against the champion and the run's best baseline
 -- on the validation split (rejected = below a baseline, no alias moved)
 SELECT created_at, model_name, candidate_version, candidate_variant, champion_version, decision, split,

@@ -143,6 +143,20 @@ def _evaluation(examples):
     return preds, scores
 
 
+SPARSE_SIZES = ("all", "10", "0", "2", "1")  # out of order, and "10" < "2" as text: the notebook orders by number
+
+
+def sparse_score(size: str, variant: str) -> float:
+    return {"pat": 0.6, "pat:random_peers": 0.5, "rest_pg": 0.4}[variant] + (0.1 if size == "all" else 0.02 * int(size))
+
+
+def _sparse_scores(scores):
+    """`sparse_eval`'s rows: ablation profile_size=<n>, pat and its random-peers control next to rest_pg."""
+    return [{**s, "ablation": f"profile_size={size}", "variant": variant, "judge_score": sparse_score(size, variant)}
+            for size in SPARSE_SIZES for variant in ("pat", "pat:random_peers", "rest_pg")
+            for s in scores if s["variant"] == "rest_pg" and s["ablation"] == ""]
+
+
 def _repoint_names(spark, settings):
     """Names like restpg.examples may belong to another test's home in this shared session."""
     for name in catalog.TABLES:
@@ -160,6 +174,7 @@ def tables(spark, tmp_path_factory):
     examples = _examples()
     traj, judged = _trajectories_and_scores(examples)
     preds, scores = _evaluation(examples)
+    scores += _sparse_scores(scores)
     summary = metrics.summarize(pd.DataFrame(scores))
     tests = metrics.pairwise_tests(pd.DataFrame(scores), alpha=0.05)
     validation = [{"reward_kind": "embedding", "judge_model": "minilm", "check": "shuffle", "setting": f"{pct}% shuffled",
@@ -216,9 +231,17 @@ def test_notebook_results_reflect_the_tables(ran):
     runs, _ = ran
     results = {r["title"]: r for r in runs["evaluation"][1]}
     table1 = pd.read_csv(next(r["csv"] for t, r in results.items() if t.startswith("Table 1")))
+    table1 = table1[table1.ablation.fillna("") == ""]  # the main table; the sparse sweep's rows are ablations
     row = table1[(table1.metric == "judge_score") & (table1.variant == "rest_pg")].iloc[0]
     assert row.macro == pytest.approx((row.product_review + row.topic_writing) / 2, abs=1e-3)
     assert list(table1[table1.metric == "judge_score"].variant) == list(VARIANTS)
+
+    sweep = pd.read_csv(next(r["csv"] for t, r in results.items() if t.startswith("Judge score vs the user")))
+    assert list(dict.fromkeys(sweep.profile_size.astype(str))) == ["0", "1", "2", "10", "all"]
+    assert len(sweep) == 5 * 3 and set(sweep.variant) == {"pat", "pat:random_peers", "rest_pg"}
+    for r in sweep.itertuples():
+        assert r.macro_judge_score == pytest.approx(sparse_score(str(r.profile_size), r.variant))
+    assert next(r for t, r in results.items() if t.startswith("Judge score vs the user"))["png"]
 
     rewards = runs["reward_analysis"][1]
     hist = pd.read_csv(rewards[0]["csv"])
