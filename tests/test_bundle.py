@@ -296,7 +296,8 @@ def test_task_compute(entry):
 
 @pytest.mark.parametrize("workers", [1, 4])
 def test_every_training_task_takes_its_process_count_from_the_bundle(workers, tmp_path):
-    """`train_workers` reaches every train task as train.num_workers (multi-GPU training is one variable away)."""
+    """`train_workers` reaches every train task as train.num_workers (multi-GPU training is one variable away),
+    and every train task keeps its checkpoints on the schema's Volume, not on node-local disk."""
     from restpg.cli import build_parser
     from restpg.config import load_settings
 
@@ -310,7 +311,10 @@ def test_every_training_task_takes_its_process_count_from_the_bundle(workers, tm
     for task in trains:
         argv = ["train"] + [DYNAMIC_REF.sub("sft", a) for a in task["spark_python_task"]["parameters"]]
         args = build_parser().parse_args(argv)
-        assert load_settings(args.profile, args.overrides, home=str(tmp_path)).train.num_workers == workers, task["task_key"]
+        train = load_settings(args.profile, args.overrides, home=str(tmp_path)).train
+        assert train.num_workers == workers, task["task_key"]
+        # resume states and selected weights where every training process and the driver can read them
+        assert train.checkpoint_root == "/Volumes/main/restpg/checkpoints", task["task_key"]
 
 
 @pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)

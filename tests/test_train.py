@@ -382,6 +382,10 @@ def test_job_dir_is_keyed_by_the_job_not_the_run(tmp_path):
               checkpoints.job_dir(settings, **{**key, "init_ref": "models:/restpg-policy/4"}),
               checkpoints.job_dir(make_settings(tmp_path, "train.lr=0.001"), **key)]
     assert len({same, *others}) == 5
+    # where the job runs is not the job: another process count resumes it, another root holds it
+    assert checkpoints.job_dir(make_settings(tmp_path, "train.num_workers=4"), **key) == same
+    moved = checkpoints.job_dir(make_settings(tmp_path, f"train.checkpoint_root={tmp_path / 'volume'}"), **key)
+    assert moved == tmp_path / "volume" / same.name
 
 
 # --------------------------------------------------------------------------- the stage, end to end

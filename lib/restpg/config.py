@@ -134,6 +134,8 @@ class TrainConfig:
     restart_from: str = _f("base", "M-step init: 'base' (paper) or 'previous' checkpoint")
     lora_rank: int = _f(0, "LoRA rank (0 = full fine-tuning)")
     num_workers: int = _f(1, "training processes; > 1 runs the job under Spark's TorchDistributor (gloo on CPUs, NCCL on GPUs, one per GPU)")
+    checkpoint_root: str = _f("", "where training jobs keep resume states and checkpoints; empty = <home>/checkpoints. "
+                                  "On Databricks a Volume every training process and the driver can read")
     seed: int = _f(0, "training seed")
     log_every: int = _f(10, "log metrics to MLflow every N steps")
 

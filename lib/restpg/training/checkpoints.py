@@ -24,15 +24,22 @@ from restpg.config import Settings, TrainConfig
 CHECKPOINT_META = "restpg_checkpoint.json"
 
 
+_PLACEMENT = ("num_workers", "checkpoint_root")  # train settings that say where a job runs, not what it computes
+
+
 def job_dir(settings: Settings, *, variant: str, iteration: int, training_set_version: int, init_ref: str) -> Path:
-    """``<home>/checkpoints/<variant>-it<t>-ts<version>-<hash>``: the same job always maps to the same directory."""
-    key = {"variant": variant, "train": dataclasses.asdict(settings.train), "init_ref": init_ref,
+    """``<train.checkpoint_root or home/checkpoints>/<variant>-it<t>-ts<version>-<hash>``: the same job always
+    maps to the same directory. Where it runs (the root, the number of processes) is not part of the job:
+    a job killed on one GPU count resumes on another."""
+    train = {k: v for k, v in dataclasses.asdict(settings.train).items() if k not in _PLACEMENT}
+    key = {"variant": variant, "train": train, "init_ref": init_ref,
            # they decide which rows are dropped as too long and how the selection reward is measured
            "prompt": dataclasses.asdict(settings.prompt), "reward": settings.judge.reward,
            "selection_decoding": [settings.evaluate.temperature, settings.evaluate.top_p, settings.sample.seed]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9_.=-]", "_", variant)
-    return settings.home_dir / "checkpoints" / f"{name}-it{iteration}-ts{training_set_version}-{digest}"
+    root = Path(settings.train.checkpoint_root) if settings.train.checkpoint_root else settings.home_dir / "checkpoints"
+    return root / f"{name}-it{iteration}-ts{training_set_version}-{digest}"
 
 
 def _to_cpu(obj):
