@@ -8,6 +8,8 @@
   validation sample.
 - `checkpoints`: the job's directory, atomic resume states, the saved HF checkpoint.
 - `trainer`: `fit`, the loop that ties them together.
+- `distributed`: `fit` in `train.num_workers` processes under Spark's TorchDistributor (gradients
+  summed across ranks; rank 0 selects and writes).
 
 `restpg.train.run` is the stage: it reads the slice, picks the start checkpoint, calls `fit`, and
 registers the result.
