@@ -285,26 +285,28 @@ _CONFLICT_CLASSES = ("ConcurrentAppendException", "ConcurrentDeleteReadException
                      "ProtocolChangedException")
 
 
+def _names_a_conflict(class_name: str, condition: str | None) -> bool:
+    return class_name in _CONFLICT_CLASSES or (condition or "").startswith(_CONFLICTS)
+
+
 def _is_conflict(e) -> bool:
     """A Delta write conflict, however PySpark surfaced it: a converted exception with its error
     condition (Spark 4.1+), or a raw Py4JJavaError whose Java exception (or a cause of it) is one of
     Delta's concurrency exceptions (pyspark 4.0 / delta-spark 4.0, runtime 17.3)."""
     from py4j.protocol import Py4JError, Py4JJavaError
 
-    if isinstance(e, Py4JJavaError):
-        java, depth = e.java_exception, 0
-        while java is not None and depth < 5:
-            try:
-                name = java.getClass().getSimpleName()
-                condition = java.getErrorClass()
-            except Py4JError:  # not a SparkThrowable: no error class
-                condition = None
-            if name in _CONFLICT_CLASSES or (condition or "").startswith(_CONFLICTS):
-                return True
-            java, depth = java.getCause(), depth + 1
-        return False
-    condition = e.getCondition() or ""
-    return condition.startswith(_CONFLICTS) or type(e).__name__ in _CONFLICT_CLASSES
+    if not isinstance(e, Py4JJavaError):
+        return _names_a_conflict(type(e).__name__, e.getCondition())
+    java, depth = e.java_exception, 0
+    while java is not None and depth < 5:
+        try:
+            condition = java.getErrorClass()
+        except Py4JError:  # not a SparkThrowable: no error class
+            condition = None
+        if _names_a_conflict(java.getClass().getSimpleName(), condition):
+            return True
+        java, depth = java.getCause(), depth + 1
+    return False
 
 
 RETRIES = 8
