@@ -64,3 +64,74 @@ def test_pat_sft_writes_dual_paths_and_iteration_zero_on_pat_prompts(spark, tiny
         assert found and reasoning == paths[eid].reasoning and response == next(x["target"] for x in rows if x["example_id"] == eid)
     if "t1" in train:
         assert "STYLE-CUE-1" in train["t1"].prompt and "TOPIC-CUE-1" in train["t1"].prompt
+
+
+def test_merged_part_is_the_last_merged_section_on_one_line():
+    assert policy_inputs.merged_part("Style: terse.\nTopic: price.\nMerged: short,\n on price.", 100) == "short, on price."
+    assert policy_inputs.merged_part("Merged: a\nMerged: b", 100) == "b"
+    assert policy_inputs.merged_part("no labels at all", 5) == "no la"
+    assert policy_inputs.merged_part(None, 10) == "" and policy_inputs.merged_part("Merged:  ", 10) == ""
+
+
+def test_refinement_starts_at_iteration_two_for_pat_only(tmp_path):
+    s = make_settings(tmp_path, "loop.iterations=2")
+    assert [policy_inputs.refines(s, "pat", t) for t in (0, 1, 2, 3)] == [False, False, True, True]
+    assert not policy_inputs.refines(s, "rest_pg", 2) and policy_inputs.refines(s, "pat:random_peers", 2)
+    assert policy_inputs.refines_at_evaluation(s, "pat")
+    assert not policy_inputs.refines_at_evaluation(make_settings(tmp_path, "loop.iterations=1"), "pat")
+    assert not policy_inputs.refines(make_settings(tmp_path, "loop.pat_refine=false"), "pat", 2)
+
+
+def _reasoned(style: str, merged: str, response: str = "Nice.") -> str:
+    return f"Style: {style}\nTopic: kettles.\nMerged: {merged}{prompts.SEPARATOR}{response}"
+
+
+@pytest.mark.slow
+def test_refinement_prompts_carry_the_best_well_formed_merged_reasoning_into_training(spark, tiny, tmp_path):
+    """Iteration 2 of `pat`: each input's prompt carries the merged reasoning of its best well-formed sample of
+    iteration 1 (malformed samples never count, whatever they say), in the refinement template; inputs
+    without one keep the plain PAT prompt; the filter's training rows use exactly the sampled prompts."""
+    from restpg import filtering, rewards
+
+    s = make_settings(tmp_path / "home", f"models.policy={tiny}", "prompt.max_input_tokens=900", "filter.tau=0.5",
+                      "loop.iterations=2")
+    rows = [example_row(e, f"u{e}") for e in ("t1", "t2", "t3")]
+    write_rows(spark, s, "examples", rows)
+    write_rows(spark, s, "retrievals", [{"example_id": r["example_id"], "retriever": s.models.retriever, "k": 0, "items": []}
+                                        for r in rows])
+    write_rows(spark, s, "peer_retrievals", [{"example_id": "t1", "retriever": s.models.retriever, "mode": "similar",
+                                              "trajectory": "style", "rank": 1, "text": "STYLE-CUE"}])
+    kind = rewards.kind_label(s)
+    samples = [("t1", 0, _reasoned("a", "WORSE-ONE"), True, 0.2), ("t1", 1, _reasoned("b", "BEST-ONE"), True, 0.9),
+               ("t1", 2, _reasoned("c", "BROKEN-ONE"), False, 0.0), ("t2", 0, _reasoned("d", "ONLY-BROKEN"), False, 0.0),
+               ("t3", 0, "Plain thought without labels" + prompts.SEPARATOR + "Ok.", True, 0.4)]
+
+    def write_iteration(t, rows_):
+        slice_ = {"variant": "pat", "iteration": t}
+        write_rows(spark, s, "trajectories", [
+            {**slice_, "example_id": e, "task": "product_review", "sample_index": i, "raw_text": raw,
+             "reasoning": prompts.split_reasoning(raw)[0], "format_ok": ok, "finished": True} for e, i, raw, ok, _ in rows_], slice_)
+        write_rows(spark, s, "judge_scores", [
+            {**slice_, "example_id": e, "task": "product_review", "sample_index": i, "reward_kind": kind, "reward": r,
+             "format_ok": ok} for e, i, _, ok, r in rows_], {**slice_, "reward_kind": kind})
+
+    write_iteration(1, samples)
+    assert policy_inputs.previous_reasoning(spark, s, "pat", 1) is None  # iteration 1 has nothing to revise
+    previous = {r.example_id: r.previous for r in policy_inputs.previous_reasoning(spark, s, "pat", 2).collect()}
+    assert previous == {"t1": "BEST-ONE", "t3": "Plain thought without labels"}
+    examples = catalog.read(spark, s, "examples")
+    prompts_ = {r.example_id: r for r in policy_inputs.policy_prompts(
+        spark, s, examples, "pat", previous=policy_inputs.previous_reasoning(spark, s, "pat", 2)).collect()}
+    refine, plain = prompts.template("policy_pat_refine").version, prompts.template("policy_pat").version
+    assert prompts_["t1"].template_version == refine and "BEST-ONE" in prompts_["t1"].prompt
+    assert "STYLE-CUE" in prompts_["t1"].prompt and "WORSE-ONE" not in prompts_["t1"].prompt
+    assert prompts_["t2"].template_version == plain and "earlier reasoning" not in prompts_["t2"].prompt
+    with pytest.raises(ValueError, match="only PAT variants"):
+        policy_inputs.policy_prompts(spark, s, examples, "rest_pg", previous=policy_inputs.previous_reasoning(spark, s, "pat", 2))
+
+    write_iteration(2, [("t1", 0, _reasoned("e", "REVISED"), True, 0.8), ("t2", 0, _reasoned("f", "NEW"), True, 0.7)])
+    filtering.run(spark, s, variant="pat", iteration=2, run_id="t")
+    kept = {r.example_id: r for r in catalog.read_slice(spark, s, "training_sets", {"variant": "pat", "iteration": 2}).collect()}
+    assert set(kept) == {"t1", "t2"}
+    assert kept["t1"].prompt == prompts_["t1"].prompt and kept["t1"].template_version == refine
+    assert kept["t2"].prompt == prompts_["t2"].prompt and kept["t2"].template_version == plain

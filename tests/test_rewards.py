@@ -140,7 +140,8 @@ def test_spark_rewards_equal_in_process_rewards(spark, kind, llm_settings, embed
     df = spark.createDataFrame(ROWS, "id string, input string, target string, response string")
     out = rewards.add_rewards(spark, s, df).toPandas().sort_values("id").reset_index(drop=True)
     assert list(out.columns) == ["id", "input", "target", "response", "reward", "score", "criterion_logprobs",
-                                 "reward_kind", "judge_model", "template_version"]
+                                 "reward_terms", "reward_kind", "judge_model", "template_version"]
+    assert [dict(t) for t in out.reward_terms] == [{"quality": r} for r in out.reward]  # no composite: quality only
     expected = rewards.score(s, [r[1] for r in ROWS], [r[2] for r in ROWS], [r[3] for r in ROWS])
     assert out.reward.tolist() == pytest.approx(expected, abs=1e-5)
     assert out.reward[2] == 0.0 and out.reward[3] == 0.0
@@ -153,3 +154,57 @@ def test_spark_rewards_equal_in_process_rewards(spark, kind, llm_settings, embed
     else:
         assert out.score.isna().all() and out.template_version.isna().all()
         assert out.reward[0] > out.reward[1]
+
+
+TERSE = "Great kettle. Fast. Cheap. Love it."
+WORDY = ("I have to say that this kettle, which I bought last spring for my small kitchen, has turned out to be "
+         "one of the more pleasant purchases I have made in a long while; it boils quickly, and it is quiet")
+
+
+def test_style_fidelity_compares_how_texts_are_written_not_what_they_say():
+    same_style_other_topic = "Great phone. Bright. Cheap. Love it."
+    assert rewards.style_fidelity(TERSE, TERSE) == pytest.approx(1.0)
+    assert rewards.style_fidelity(TERSE, same_style_other_topic) > rewards.style_fidelity(TERSE, WORDY) + 0.2
+    assert rewards.style_fidelity(TERSE, WORDY) == pytest.approx(rewards.style_fidelity(WORDY, TERSE))
+    assert rewards.style_fidelity("", TERSE) == 0.0 and rewards.style_fidelity(TERSE, "  ") == 0.0
+    assert 0.0 <= rewards.style_fidelity(TERSE, "12345 67890") <= 1.0
+
+
+def test_composite_is_the_weighted_mean_and_its_kind_names_the_weights(tmp_path):
+    plain = make_settings(tmp_path, "judge.reward=llm")
+    assert rewards.kind_label(plain) == "llm" and rewards.weights(plain) == {"quality": 1.0, "style": 0.0, "topic": 0.0}
+    s = make_settings(tmp_path, "judge.reward=embedding", "judge.style_weight=0.5", "judge.topic_weight=0.25")
+    assert rewards.kind_label(s) == "embedding+style=0.5+topic=0.25"
+    terms = {"quality": 0.8, "style": 0.4, "topic": 0.2}
+    assert rewards.composite(terms, rewards.weights(s)) == pytest.approx((0.8 + 0.5 * 0.4 + 0.25 * 0.2) / 1.75)
+    assert rewards.topic_relevance([1.0, 0.0], [-1.0, 0.0]) == 0.0  # floored: an off-topic answer earns nothing
+    from restpg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="judge.style_weight must be at least 0"):
+        make_settings(tmp_path, "judge.style_weight=-1")
+
+
+def test_composite_reward_stores_every_term_and_ranks_style_and_topic(spark, tmp_path):
+    """The quality term is the configured reward alone; style and topic move the composite. Of two answers
+    equally far from the expected output in meaning, the one written like the user scores higher."""
+    s = make_settings(tmp_path, "judge.reward=embedding", f"models.retriever={MINILM}", "judge.style_weight=1.0",
+                      "judge.topic_weight=1.0")
+    target = "Great kettle. Boils fast. Quiet. Love it."
+    rows = [("like", "Review a kettle.", target, "Good kettle. Heats quick. Silent. Like it."),
+            ("unlike", "Review a kettle.", target, "This kettle, which I purchased recently, heats water in a reasonably "
+                                                  "short time and operates without producing much noise at all"),
+            ("off", "Review a kettle.", target, "Quarterly revenue grew in the banking sector."),
+            ("empty", "Review a kettle.", target, "")]
+    df = spark.createDataFrame(rows, "id string, input string, target string, response string")
+    out = {r.id: r for r in rewards.add_rewards(spark, s, df).collect()}
+    quality = rewards.score(make_settings(tmp_path, "judge.reward=embedding", f"models.retriever={MINILM}"),
+                            [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    for (rid, *_), q in zip(rows, quality):
+        terms = dict(out[rid].reward_terms)
+        assert set(terms) == {"quality", "style", "topic"} and terms["quality"] == pytest.approx(q, abs=1e-5)
+        assert out[rid].reward == pytest.approx(rewards.composite(terms, rewards.weights(s)), abs=1e-9)
+        assert out[rid].reward_kind == "embedding+style=1+topic=1"
+    assert dict(out["empty"].reward_terms) == {"quality": 0.0, "style": 0.0, "topic": 0.0} and out["empty"].reward == 0.0
+    assert dict(out["like"].reward_terms)["style"] > dict(out["unlike"].reward_terms)["style"]
+    assert dict(out["like"].reward_terms)["topic"] > dict(out["off"].reward_terms)["topic"]
+    assert out["like"].reward > out["unlike"].reward

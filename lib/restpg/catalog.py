@@ -168,7 +168,31 @@ def ensure(spark, settings: Settings, name: str) -> TableRef:
             _register(spark, r)
         else:  # DeltaTable's builder takes two-part names only; SQL takes the catalog's three
             _retrying(lambda: spark.sql(_create_table_sql(r.fqn, s)))
+        _add_new_columns(spark, r, s)
     return r
+
+
+_evolved: set[str] = set()
+
+
+def _add_new_columns(spark, r: TableRef, s: TableSpec) -> None:
+    """Columns the declared schema gained since the table was created (nullable ones only) are added to
+    it, once per process: a table written by an older release takes the new rows, its old rows read null.
+    A declared column that is not nullable and missing, or a column of another type, is an error."""
+    key = f"{r.fqn}@{r.path}"
+    if key in _evolved:
+        return
+    have = {f.name: f for f in _delta(spark, r).toDF().schema.fields}
+    missing = [c for c in s.columns if c["name"] not in have]
+    strict = [c["name"] for c in missing if not c["nullable"]]
+    if strict:
+        raise SchemaMismatch(f"table {r.fqn} lacks the required columns {strict}: it was written by another schema; "
+                             f"migrate it or write to a new schema")
+    if missing:
+        added = ", ".join(f"`{c['name']}` {c['type']} COMMENT {_literal(c['comment'])}" for c in missing)
+        target = f"delta.`{r.path}`" if r.path else r.fqn
+        _retrying(lambda: spark.sql(f"ALTER TABLE {target} ADD COLUMNS ({added})"))
+    _evolved.add(key)
 
 
 def _create_table_sql(fqn: str, s: TableSpec) -> str:

@@ -105,6 +105,8 @@ class SampleConfig:
 class JudgeConfig:
     reward: str = _f("llm", "'llm' (the paper's judge, criterion argmax / 10) or 'embedding' (cosine)")
     scores: list = _f([1, 3, 5, 7, 10], "criterion scores of the judge prompt")
+    style_weight: float = _f(0.0, "composite reward: weight of style fidelity (response vs expected output, stylometric); 0 = off")
+    topic_weight: float = _f(0.0, "composite reward: weight of topic relevance (response vs request, retriever cosine); 0 = off")
     max_input_tokens: int = _f(4096, "judge prompt budget")
     chunk_examples: int = _f(64, "examples (all their samples) per committed chunk (a killed run keeps every finished chunk)")
 
@@ -144,6 +146,8 @@ class TrainConfig:
 class LoopConfig:
     iterations: int = _f(3, "EM iterations T")
     variants: list = _f(["sft", "sft_reasoning", "rest_em", "rest_pg"], "systems produced by 'restpg run'")
+    pat_refine: bool = _f(True, "PAT's iterative refinement: from EM iteration 2 its prompts carry the previous iteration's "
+                                "merged reasoning for the same input; evaluation then answers in two passes")
 
 
 @dataclass
@@ -302,6 +306,9 @@ def _check(s: Settings) -> None:
         section, name = key.split(".")
         if getattr(getattr(s, section), name) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    for key in ("judge.style_weight", "judge.topic_weight"):
+        if getattr(s.judge, key.split(".")[1]) < 0:
+            raise ConfigError(f"{key} must be at least 0")
 
 
 def describe(cls=Settings, prefix: str = "") -> list[tuple[str, str, str]]:

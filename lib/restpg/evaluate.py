@@ -6,7 +6,10 @@ A policy answers within its variant's budget (`prompts.output_budget`: the respo
 variants, reasoning + response for reasoning variants) and every answer is checked with
 `prompts.parse_output`: an output whose format is not ok (no separator, empty part, cut at the length
 cap) counts as an empty response — judge score 0, ROUGE and METEOR 0 — so a variant cannot gain by
-rambling past its cap. The run also hands the promotion step its candidate: the version number of
+rambling past its cap. A PAT policy trained with iterative refinement (`loop.pat_refine`, T ≥ 2) answers
+in two passes, as it was trained: the first writes a merged reasoning, the second prompt carries it
+(`policy_pat_refine`) and its answer is the prediction; an input whose first answer is malformed gets
+the plain PAT prompt again. The run also hands the promotion step its candidate: the version number of
 the final policy of `candidate_variant(...)`, published as the task value `candidate_version`.
 """
 from __future__ import annotations
@@ -20,7 +23,8 @@ import pandas as pd
 
 from restpg import catalog, metrics, prompts, registry
 from restpg.config import Settings
-from restpg.policy_inputs import policy_prompts
+from restpg.policy_inputs import merged_part, policy_prompts, refines_at_evaluation
+from restpg.rewards import kind_label
 from restpg.tracking import progress, publish_task_value, say
 from restpg.variants import check as check_variants, is_em
 
@@ -95,12 +99,23 @@ def predict(spark, settings: Settings, variant: str, policy: str, split: str, ab
                          force, run_id)
     parse = F.udf(lambda text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)
 
+    refine = refines_at_evaluation(settings, variant)
+
+    def answer(inputs, iteration: int):
+        return generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, iteration=iteration, seed=settings.sample.seed,
+                                      **generation.limits(settings, variant))
+
     def commit(chunk: list[str]) -> int:
         part = examples.where(F.col("example_id").isin(chunk))
         inputs = policy_prompts(spark, settings, part, variant)
-        out = generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
-                                     top_p=cfg.top_p, iteration=-1, seed=settings.sample.seed,
-                                     **generation.limits(settings, variant))
+        if refine:  # PAT trained to revise its merged reasoning: a first pass writes one, the second revises it
+            first = answer(inputs, -2).withColumn("parsed", parse("text", "finished"))
+            cut = F.udf(lambda r: merged_part(r, settings.prompt.max_item_chars), "string")
+            previous = (first.where("parsed.format_ok").select("example_id", cut("parsed.reasoning").alias("previous"))
+                        .where(F.col("previous") != "").localCheckpoint())
+            inputs = policy_prompts(spark, settings, part, variant, previous=previous)
+        out = answer(inputs, -1)
         rows = (out.withColumn("parsed", parse("text", "finished"))
                 .join(inputs.select("example_id", "template_version"), "example_id")
                 .join(part.select("example_id", "task", "user_id"), "example_id")
@@ -140,7 +155,7 @@ def score(spark, settings: Settings, variant: str, split: str, ablation: str, ru
     def stands(rows):
         return (rows.join(written, "example_id")
                 .where((F.col("model_version") == F.col("_model")) & (F.col("created_at") >= F.col("_predicted"))
-                       & (F.col("reward_kind") == settings.judge.reward))
+                       & (F.col("reward_kind") == kind_label(settings)))
                 .drop("_model", "_predicted"))
 
     standing = _standing(spark, settings, "eval_scores", slice_, stands, force, run_id)
@@ -191,7 +206,7 @@ def reward_plot(spark, settings: Settings, split: str, ablation: str) -> str:
     out = settings.home_dir / "reports" / f"eval_{split}{'_' + ablation.replace(':', '_') if ablation else ''}_reward_hist.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     groups = {v: g["judge_score"].tolist() for v, g in pdf.groupby("variant")}
-    return metrics.reward_histogram_png(groups, out, f"evaluation reward ({settings.judge.reward}) on {split}")
+    return metrics.reward_histogram_png(groups, out, f"evaluation reward ({kind_label(settings)}) on {split}")
 
 
 def publish_candidate(policies: dict[str, str]) -> tuple[str | None, str]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from restpg import catalog
 from restpg.config import Settings
 from restpg.judge import format_counts
-from restpg.policy_inputs import policy_prompts
+from restpg.rewards import kind_label
+from restpg.policy_inputs import policy_prompts, previous_reasoning
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -43,7 +44,7 @@ def nothing_passed_message(variant: str, iteration: int, tau: float, kind: str, 
 def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str) -> dict:
     from pyspark.sql import functions as F
 
-    tau, cap, kind = settings.filter.tau, settings.filter.max_kept_per_input, settings.judge.reward
+    tau, cap, kind = settings.filter.tau, settings.filter.max_kept_per_input, kind_label(settings)
     slice_ = {"variant": variant, "iteration": iteration}
     scored = (catalog.read_slice(spark, settings, "judge_scores", {**slice_, "reward_kind": kind})
               .select("example_id", "sample_index", "task", "reward", "format_ok", "format_issue").cache())
@@ -62,7 +63,8 @@ def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str)
         scored.unpersist()
         raise NothingPassed(nothing_passed_message(variant, iteration, tau, kind, total, q, formats["format_issues"]))
     examples = catalog.read(spark, settings, "examples").join(kept.select("example_id").distinct(), "example_id")
-    out = kept.join(policy_prompts(spark, settings, examples, variant), "example_id").select(
+    previous = previous_reasoning(spark, settings, variant, iteration)  # the prompts the samples were drawn with
+    out = kept.join(policy_prompts(spark, settings, examples, variant, previous=previous), "example_id").select(
         F.lit(variant).alias("variant"), F.lit(iteration).alias("iteration"), "example_id", "sample_index", "task", "prompt",
         F.col("raw_text").alias("completion"), F.col("reward").alias("weight"), F.lit("trajectory").alias("source"),
         "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))

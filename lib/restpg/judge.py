@@ -78,7 +78,7 @@ def _judge_chunk(spark, settings: Settings, part, rewarder: rewards.Rewarder, va
     judged = judge_rows(part.join(examples, "example_id"), rewarder, variant)
     out = judged.select(
         "variant", "iteration", "example_id", "task", "sample_index", "reward_kind", "judge_model", "template_version",
-        "reward", "score", "criterion_logprobs", "format_ok", "format_issue",
+        "reward", "score", "criterion_logprobs", "reward_terms", "format_ok", "format_issue",
         F.length("response").alias("response_chars"), F.coalesce(F.length("reasoning"), F.lit(0)).alias("reasoning_chars"),
         F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
     return catalog.merge(spark, settings, out, "judge_scores", run_id, slice_=slice_)
@@ -91,7 +91,7 @@ def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str,
     judge's config changed)."""
     from pyspark.sql import functions as F
 
-    kind = settings.judge.reward
+    kind = rewards.kind_label(settings)
     slice_ = {"variant": variant, "iteration": iteration}
     mine = {**slice_, "reward_kind": kind}
     columns = ("variant", "iteration", "example_id", "task", "sample_index", "raw_text", "finished", "created_at")

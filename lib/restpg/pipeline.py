@@ -99,6 +99,28 @@ def _source_identity(settings: Settings, source: str, task: str | None) -> dict:
     return {"source": source, "task": task, "size": stat and stat.st_size, "mtime": stat and stat.st_mtime}
 
 
+class NoTrainingInputs(RuntimeError):
+    pass
+
+
+def _require_training_inputs(spark, settings: Settings, source: str) -> None:
+    """Stop after ingest when the run has nothing to train on, naming the commonest quarantine reasons
+    (every later stage would otherwise run on nothing and fail far from the cause)."""
+    from pyspark.sql import functions as F
+
+    from restpg.policy_inputs import training_inputs
+
+    if training_inputs(spark, settings).limit(1).count():
+        return
+    reasons = []
+    if catalog.exists(spark, settings, "quarantine"):
+        reasons = (catalog.read(spark, settings, "quarantine").groupBy("reason").agg(F.count("*").alias("n"))
+                   .orderBy(F.desc("n"), "reason").limit(3).collect())
+    why = "; ".join(f"{r.n} × {r.reason}" for r in reasons) or "no quarantined records either"
+    raise NoTrainingInputs(f"ingest of {source} left no training-split examples. Commonest quarantine reasons: {why}. "
+                           f"(A LongLaMP file without a 'task' field needs --set data.task=<task>.)")
+
+
 def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = None, force=()) -> dict:
     """The whole run for `variants` (default loop.variants); returns every stage's result."""
     import mlflow
@@ -111,6 +133,7 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     T = s.loop.iterations
     source, task = _source(s)
     fp_ingest, _ = steps.run("ingest", "", _source_identity(s, source, task), [], source=source, task=task)
+    _require_training_inputs(spark, s, source)
     fp_ret, _ = steps.run("retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest])
     prompt_cfg = _cfg(s.prompt, s.data) | {"policy": s.models.policy,
                                            "templates": [prompts.template(t).version for t in prompts.TEMPLATES]}

@@ -10,7 +10,7 @@ from restpg import tasks, variants
 
 SEPARATOR = "\n=== Response ===\n"
 TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v2",
-             "policy_pat": "v1", "teacher_pat": "v1"}
+             "policy_pat": "v1", "policy_pat_refine": "v1", "teacher_pat": "v1"}
 
 
 @dataclass(frozen=True)

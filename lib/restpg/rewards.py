@@ -1,6 +1,14 @@
 """Rewards as plain functions no stage owns (Algorithm 1, line 6): the LLM judge of paper Fig. 6 (the
 criterion whose score the judge finds most probable, / the top score) and the local embedding cosine.
 
+Optionally a composite (the PAT review's response quality + style fidelity + topic relevance), on when
+`judge.style_weight` or `judge.topic_weight` is above 0: reward = (quality + w_s·style + w_t·topic) /
+(1 + w_s + w_t), where quality is the configured reward above, `style_fidelity` compares the response's
+stylometric rates with those of the user's own text for this request (the expected output) and
+`topic_relevance` is the retriever cosine of the response and the request, floored at 0. Every term is
+stored (`reward_terms`); the reward kind then names its weights (`kind_label`), so scores made under
+other weights never pass for these.
+
 Every reward sees a response only — callers strip the reasoning first — and an empty response gets
 reward 0.0 under both kinds without a model call. `score` runs in process (checkpoint selection),
 `add_rewards` is the same computation as a Spark column helper (judge, evaluate, validate_reward).
@@ -19,7 +27,8 @@ from restpg import models, prompts
 from restpg.config import Settings
 
 KINDS = ("llm", "embedding")
-REWARD_FIELDS = "reward double, score int, criterion_logprobs map<string,double>"
+REWARD_FIELDS = "reward double, score int, criterion_logprobs map<string,double>, reward_terms map<string,double>"
+TERMS = ("quality", "style", "topic")
 _CRITERION = re.compile(r"^Score (\d+): (.+)$")
 _PROMPT_MARK = "=== prompt ==="
 
@@ -49,6 +58,7 @@ class Judgement:
     reward: float
     score: int | None = None                     # llm only
     criterion_logprobs: dict | None = None       # llm only: label → whole-label log-probability
+    terms: dict | None = None                    # quality (and style, topic when composite) of the reward
 
 
 def parse_criteria(text: str) -> tuple[dict[int, str], str]:
@@ -86,6 +96,45 @@ def judge_template(scores: tuple) -> JudgeTemplate:
 def pick_score(logprobs: dict[str, float], scores: list[int]) -> int:
     """The criterion whose label is most probable; ties go to the lower score."""
     return max(scores, key=lambda s: (logprobs[str(s)], -s))
+
+
+def style_fidelity(response: str, reference: str) -> float:
+    """How alike two texts are written, in [0, 1]: 1 minus the mean relative difference |a - b| / (|a| + |b|)
+    of their stylometric rates (`user_profiles.style_features`: sentence and word length, punctuation,
+    function words; no content words), a feature both texts lack counting as equal. 0 for an empty text."""
+    from restpg.user_profiles import style_features
+
+    if is_empty(response) or is_empty(reference):
+        return 0.0
+    a, b = style_features([response]), style_features([reference])
+    total = np.abs(a) + np.abs(b)
+    diff = np.divide(np.abs(a - b), total, out=np.zeros_like(total), where=total > 0)
+    return float(1.0 - diff.mean())
+
+
+def topic_relevance(response_vec, request_vec) -> float:
+    """Cosine of the (unit) embeddings of the response and the request, floored at 0."""
+    return max(0.0, float(np.dot(response_vec, request_vec)))
+
+
+def weights(settings: Settings) -> dict:
+    """{term: weight} of the reward; quality's weight is 1, the others relative to it."""
+    return {"quality": 1.0, "style": float(settings.judge.style_weight), "topic": float(settings.judge.topic_weight)}
+
+
+def composite(terms: dict, weights_: dict) -> float:
+    """The weighted mean of the terms."""
+    total = sum(weights_[k] for k in terms)
+    return sum(weights_[k] * v for k, v in terms.items()) / total
+
+
+def kind_label(settings: Settings) -> str:
+    """The reward kind rows are stored under: 'llm' | 'embedding', or with a composite its weights
+    ('llm+style=0.2+topic=0.3')."""
+    w = weights(settings)
+    if not (w["style"] or w["topic"]):
+        return settings.judge.reward
+    return f"{settings.judge.reward}+style={w['style']:g}+topic={w['topic']:g}"
 
 
 def judge_model(settings: Settings) -> str:
@@ -146,11 +195,17 @@ def _llm(ref: str, model_settings: Settings, scores: tuple, budget: int, inputs,
 
 
 def reward_rows(kind: str, ref: str, model_settings: Settings, scores: tuple, budget: int,
-                inputs: list[str], targets: list[str], responses: list[str]) -> list[Judgement]:
-    """One judgement per row; empty responses get 0.0 and no model is loaded for them."""
+                inputs: list[str], targets: list[str], responses: list[str], weights_: dict | None = None,
+                retriever: str | None = None) -> list[Judgement]:
+    """One judgement per row; empty responses get 0.0 and no model is loaded for them. With `weights_`
+    giving style or topic a weight, the reward is their `composite` with the quality reward (topic needs
+    the `retriever`)."""
     _check_kind(kind)
-    out = [Judgement(0.0)] * len(responses)
+    out = [Judgement(0.0, terms={"quality": 0.0})] * len(responses)
     todo = [i for i, r in enumerate(responses) if not is_empty(r)]
+    on = bool(weights_) and bool(weights_.get("style") or weights_.get("topic"))
+    if on:
+        out = [Judgement(0.0, terms=dict.fromkeys(TERMS, 0.0))] * len(responses)
     if not todo:
         return out
     pick = lambda xs: [xs[i] for i in todo]  # noqa: E731
@@ -158,6 +213,14 @@ def reward_rows(kind: str, ref: str, model_settings: Settings, scores: tuple, bu
         done = [Judgement(c) for c in _cosines(pick(responses), [t or "" for t in pick(targets)], ref, model_settings)]
     else:
         done = _llm(ref, model_settings, scores, budget, pick(inputs), pick(targets), pick(responses))
+    if on:
+        topic = _cosines(pick(responses), [t or "" for t in pick(inputs)], retriever, model_settings)
+        styles = [style_fidelity(r, t or "") for r, t in zip(pick(responses), pick(targets))]
+        done = [Judgement(composite(terms, weights_), j.score, j.criterion_logprobs, terms)
+                for j, s_, c in zip(done, styles, topic)
+                for terms in [{"quality": j.reward, "style": s_, "topic": max(0.0, c)}]]
+    else:
+        done = [Judgement(j.reward, j.score, j.criterion_logprobs, {"quality": j.reward}) for j in done]
     for i, j in zip(todo, done):
         out[i] = j
     return out
@@ -176,7 +239,7 @@ def score(settings: Settings, inputs: list[str], targets: list[str], responses: 
         raise ValueError(f"inputs, targets and responses differ in length: {len(inputs)}, {len(targets)}, {len(responses)}")
     rewarder = Rewarder.from_settings(settings, convert=False)
     rows = reward_rows(rewarder.kind, rewarder.ref, settings, rewarder.scores, rewarder.budget,
-                       list(inputs), list(targets), list(responses))
+                       list(inputs), list(targets), list(responses), dict(rewarder.weights), rewarder.retriever)
     return [j.reward for j in rows]
 
 
@@ -189,6 +252,9 @@ class Rewarder:
     budget: int
     template_version: str | None  # llm only
     env: dict
+    weights: tuple = ()           # ((term, weight), ...): the composite's, empty when off
+    retriever: str | None = None  # pinned embedding model of the topic term
+    label: str = ""               # the stored reward kind (`kind_label`)
 
     @classmethod
     def from_settings(cls, settings: Settings, convert: bool = True) -> "Rewarder":
@@ -197,28 +263,36 @@ class Rewarder:
         _check_kind(kind)
         version = judge_template(scores).version if kind == "llm" else None
         ref = models.resolve_ref(judge_model(settings), settings)
+        refs = [ref]
+        w, retriever = weights(settings), None
+        if w["style"] or w["topic"]:
+            retriever = models.resolve_ref(settings.models.retriever, settings)
+            refs.append(retriever)
         if convert:
-            models.checkpoint_dir(ref, settings)  # convert or download once, on the driver
-        return cls(kind, ref, scores, settings.judge.max_input_tokens, version, models.worker_env(settings))
+            for r in dict.fromkeys(refs):
+                models.checkpoint_dir(r, settings)  # convert or download once, on the driver
+        return cls(kind, ref, scores, settings.judge.max_input_tokens, version, models.worker_env(settings),
+                   tuple(w.items()) if retriever else (), retriever, kind_label(settings))
 
     def assign(self, pdf: pd.DataFrame) -> pd.DataFrame:
-        """pdf with input, target, response + reward, score, criterion_logprobs (on an executor)."""
+        """pdf with input, target, response + reward, score, criterion_logprobs, reward_terms (on an executor)."""
         rows = reward_rows(self.kind, self.ref, models.worker_settings(self.env), self.scores, self.budget,
-                           pdf["input"].tolist(), pdf["target"].tolist(), pdf["response"].tolist())
+                           pdf["input"].tolist(), pdf["target"].tolist(), pdf["response"].tolist(),
+                           dict(self.weights), self.retriever)
         return pdf.assign(reward=[j.reward for j in rows], score=pd.array([j.score for j in rows], dtype="Int32"),
-                          criterion_logprobs=[j.criterion_logprobs for j in rows])
+                          criterion_logprobs=[j.criterion_logprobs for j in rows], reward_terms=[j.terms for j in rows])
 
     def with_lineage(self, df):
         """+ reward_kind, judge_model, template_version."""
         from pyspark.sql import functions as F
 
-        return (df.withColumn("reward_kind", F.lit(self.kind)).withColumn("judge_model", F.lit(self.ref))
+        return (df.withColumn("reward_kind", F.lit(self.label or self.kind)).withColumn("judge_model", F.lit(self.ref))
                 .withColumn("template_version", F.lit(self.template_version).cast("string")))
 
 
 def add_rewards(spark, settings: Settings, df):
-    """df with input, target, response → + reward, score, criterion_logprobs, reward_kind, judge_model,
-    template_version. Rows are rewarded by batch on the executors, the model loaded once per worker."""
+    """df with input, target, response → + reward, score, criterion_logprobs, reward_terms, reward_kind,
+    judge_model, template_version. Rows are rewarded by batch on the executors, the model loaded once per worker."""
     from pyspark.sql.types import StructType, _parse_datatype_string
 
     rewarder = Rewarder.from_settings(settings)

@@ -5,7 +5,8 @@ policy version's rows. A run with another policy than the slice's replaces them 
 after retraining re-samples); a run with the same policy samples only what is missing. Chunks are
 committed with an insert-only MERGE on (variant, iteration, example_id, sample_index), confined to
 the slice: a run that dies keeps every finished chunk, and the rerun fills in the rest with the same
-seeds, so the same texts.
+seeds, so the same texts. From iteration 2 a PAT prompt carries the previous iteration's merged
+reasoning for the same input (`policy_inputs.previous_reasoning`), which the policy revises.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pandas as pd
 
 from restpg import catalog, prompts
 from restpg.config import Settings
-from restpg.policy_inputs import policy_prompts, training_inputs
+from restpg.policy_inputs import policy_prompts, previous_reasoning, training_inputs
 from restpg.tracking import progress, say
 
 PARSE_COLUMNS = "reasoning string, response string, has_separator boolean, format_ok boolean, format_issue string"
@@ -142,7 +143,13 @@ def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str,
     started, tokens, sampled_rows = time.time(), 0, 0
     if todo:
         examples = examples.where(F.col("example_id").isin(todo))
-        inputs = policy_prompts(spark, settings, examples, variant).join(examples.select("example_id", "task"), "example_id").cache()
+        previous = previous_reasoning(spark, settings, variant, iteration)
+        if previous is not None:
+            previous = previous.localCheckpoint()
+            say(f"sample {variant} t={iteration}: {previous.count()} of {len(all_ids)} prompts carry iteration "
+                f"{iteration - 1}'s merged reasoning to revise (the others had no well-formed sample)")
+        inputs = (policy_prompts(spark, settings, examples, variant, previous=previous)
+                  .join(examples.select("example_id", "task"), "example_id").cache())
         try:
             for start in range(0, len(todo), cfg.chunk_examples):
                 made, made_tokens, version = _sample_chunk(

@@ -214,7 +214,7 @@ def run(spark, settings: Settings, *, run_id: str, policy: str | None = None, va
 
     from restpg import models
     from restpg.policy_inputs import with_retrievals
-    from restpg.rewards import add_rewards, judge_model
+    from restpg.rewards import add_rewards, judge_model, kind_label
 
     if policy is None:
         policy, variant = sft_policy(settings)
@@ -244,7 +244,7 @@ def run(spark, settings: Settings, *, run_id: str, policy: str | None = None, va
             means[setting], counts[setting] = float(np.mean(got)), len(got)
     verdict = Verdict(slope, p_value, settings.evaluate.alpha, means)
 
-    kind, judge = settings.judge.reward, models.resolve_ref(judge_model(settings), settings)
+    kind, judge = kind_label(settings), models.resolve_ref(judge_model(settings), settings)
     _nan = lambda x: None if x is None or math.isnan(x) else x  # noqa: E731
     table = ([(kind, judge, policy, "shuffle", lv["setting"], lv["mean_reward"], lv["n"], _nan(slope), _nan(p_value),
                verdict.shuffle_fit, run_id) for lv in levels]
