@@ -417,6 +417,26 @@ def test_pipeline_runs_the_stages_in_order():
             assert params[params.index("--iteration") + 1] == str(t) and params[params.index("--variant") + 1] == "{{input}}"
 
 
+def test_pat_job_trains_pat_through_the_profiles_iterations_before_the_sweep():
+    """sparse_eval compares each variant's final policy (iteration loop.iterations of the bundle's profile):
+    the PAT job must train pat that far, and from iteration 2 on, where its prompts refine earlier reasoning."""
+    from restpg.config import load_settings
+
+    job = JOBS["restpg_pat"]
+    ancestors = _ancestors(job)
+    tasks = {t["task_key"]: t for t in job["tasks"]}
+    T = load_settings(BUNDLE["variables"]["profile"]["default"]).loop.iterations
+    order = ["user_profiles", "peer_retrieve", "pat_sft", "train_0"]
+    order += [f"{stage}_{t}" for t in range(1, T + 1) for stage in ("sample", "judge", "filtering", "train")]
+    order += ["sparse_eval"]
+    assert set(order) == set(tasks), f"tasks: {sorted(tasks)}"
+    for before, after in zip(order, order[1:]):
+        assert before in ancestors[after], f"{after} must run after {before}"
+    for key in order[3:-1]:
+        params = tasks[key]["spark_python_task"]["parameters"]
+        assert params[params.index("--variant") + 1] == "pat" and params[params.index("--iteration") + 1] == key.split("_")[1]
+
+
 @pytest.mark.parametrize("target,pause", [("dev", "PAUSED"), ("prod", "UNPAUSED")])
 def test_pipeline_schedule(target, pause):
     schedule = _jobs(target)["restpg_pipeline"]["schedule"]

@@ -34,9 +34,13 @@ def spread(df, workers: int):
     return df if df.rdd.getNumPartitions() >= workers else df.repartition(workers)
 
 
+PROGRESS_STEPS = 4
+
+
 def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str | None = None, counter=None):
     """Adds `out_col` (array<float>) holding the embedding of `text_col`, on at least one partition per
-    core. `counter` (a Spark accumulator, see `watch`) gets the rows embedded."""
+    core. `counter` (a Spark accumulator, see `watch`) gets the rows embedded; with it, every core gets
+    `PROGRESS_STEPS` partitions so the progress line moves before the end."""
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
@@ -52,7 +56,9 @@ def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str |
                 counter.add(len(texts))
             yield pd.Series(list(vecs))
 
-    return spread(df, df.sparkSession.sparkContext.defaultParallelism).withColumn(out_col, embed(F.col(text_col)))
+    workers = df.sparkSession.sparkContext.defaultParallelism
+    # an accumulator reports when a task ends: with a counter, PROGRESS_STEPS tasks per core let the count move
+    return spread(df, workers * (PROGRESS_STEPS if counter is not None else 1)).withColumn(out_col, embed(F.col(text_col)))
 
 
 @contextlib.contextmanager
