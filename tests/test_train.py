@@ -588,3 +588,29 @@ def test_gemma_rendered_chat_prompt_gets_exactly_one_bos(tmp_path):
     assert f["input_ids"][:len(ids)] == ids
     assert f["input_ids"][0] == tokenizer.bos_token_id and f["input_ids"].count(tokenizer.bos_token_id) == 1
     assert f["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_a_state_already_selected_in_this_process_is_not_generated_again(tiny, tmp_path):
+    """Every M-step restarts from the same base: its step-0 selection is answered from the process's memo
+    (same reward, same outputs); a changed weight, another sample or another scorer generates anew."""
+    from restpg import models
+
+    settings = make_settings(tmp_path, f"models.policy={tiny}", "prompt.max_response_tokens=6")
+    model, tokenizer = models.load_causal_lm(tiny, settings)
+    model.eval()
+    sample = selection.SelectionSample(["v0", "v1"], ["Write a review.", "Write an email."], ["a", "b"], ["x", "y"])
+    calls = []
+    score = scripted_score(calls, [0.5, 0.25, 0.75])
+    first = selection.Selector(sample, tokenizer, settings, "sft", score)
+    reward = first(model)
+    again = selection.Selector(sample, tokenizer, settings, "sft", score)
+    assert again(model) == reward and len(calls) == 1 and again.last == first.last
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    selection.Selector(sample, tokenizer, settings, "sft", score)(model)
+    assert len(calls) == 2  # a changed state is generated and scored anew
+    other = selection.SelectionSample(["v0"], ["Write a review."], ["a"], ["x"])
+    selection.Selector(other, tokenizer, settings, "sft", score)(model)
+    assert len(calls) == 3
+    selection.Selector(sample, tokenizer, settings, "sft", scripted_score([], [0.5]))(model)
+    assert len(calls) == 3  # the other scorer was called, not this one

@@ -9,6 +9,7 @@ separator, or cut off at the cap) earns 0, and the response alone is rewarded ag
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,9 +49,29 @@ def selection_sample(spark, settings: Settings, variant: str) -> SelectionSample
     return SelectionSample(ids, [prompt_of[i] for i in ids], [by_id[i].input for i in ids], [by_id[i].target for i in ids])
 
 
+def weights_digest(model, stride: int = 997) -> str:
+    """A fingerprint of the model's weights: every parameter's name, shape and every `stride`-th value.
+    An optimizer step moves (nearly) every weight, so two states with one digest are the same state."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(p.detach().reshape(-1)[::stride].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Selection results of one process by (weights, what was asked): every M-step of a run restarts from the same
+# base (train.restart_from = base), so its step-0 selection is the same generation and reward each time.
+_memo: dict[tuple, tuple[float, dict]] = {}
+MEMO_SIZE = 32
+
+
 class Selector:
     """`selector(model)` → the mean reward of the model's outputs on the sample; `last` keeps the
-    outputs and rewards of the latest call."""
+    outputs and rewards of the latest call. A state already scored in this process with the same
+    sample, decoding and reward (the shared start of every M-step) is not generated again."""
 
     def __init__(self, sample: SelectionSample, tokenizer, settings: Settings, variant: str,
                  score: Score | None = None, max_rows: int = 16):
@@ -64,7 +85,28 @@ class Selector:
                       for i in sample.example_ids]
         self.last: dict = {}
 
+    def _key(self, model) -> tuple:
+        from restpg import rewards
+
+        s = self.settings
+        return (weights_digest(model), type(model).__name__, tuple(self.sample.prompts), tuple(self.sample.targets),
+                tuple(map(tuple, self.seeds)), s.evaluate.temperature, s.evaluate.top_p,
+                tuple(sorted(generation.limits(s, self.variant).items())), prompts.uses_reasoning(self.variant),
+                rewards.kind_label(s), rewards.judge_model(s), tuple(s.judge.scores), self.score)
+
     def __call__(self, model) -> float:
+        key = self._key(model)
+        if key in _memo:
+            reward, last = _memo[key]
+            self.last = dict(last)
+            return reward
+        reward = self._generate_and_score(model)
+        while len(_memo) >= MEMO_SIZE:
+            _memo.pop(next(iter(_memo)))  # the oldest first
+        _memo[key] = (reward, dict(self.last))
+        return reward
+
+    def _generate_and_score(self, model) -> float:
         s = self.settings
         samples, _ = generation.sample(model, self.tokenizer, self.sample.prompts, self.seeds,
                                        temperature=s.evaluate.temperature, top_p=s.evaluate.top_p,
