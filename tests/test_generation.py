@@ -238,3 +238,16 @@ def test_end_of_sequence_before_the_separator_is_replaced_by_it(ref, request, se
     assert rows.finished[0] and rows.done[0]
     out = prompts.parse_output("rest_pg", tokenizer.decode(rows.tokens[0], skip_special_tokens=True), True)
     assert out.format_ok and out.reasoning == "Short and warm." and out.response == "Great kettle."
+
+
+def test_prompts_are_grouped_by_length_and_answered_in_their_own_order(lm):
+    model, tokenizer = lm
+    short, long_ = "Hi.", "Write a long and careful review of a kettle that boils water quickly and quietly. " * 3
+    prompts_ = [long_, short, long_ + "!", short + "?"]
+    assert generation.length_groups(tokenizer, prompts_, 2) == [[1, 3], [0, 2]]
+    assert generation.length_groups(tokenizer, prompts_, 4) == [[0, 1, 2, 3]]  # one group: as given
+    m = 2
+    seeds = [[sample_seed(f"ex-{i}", j, 1, 0) for j in range(m)] for i in range(len(prompts_))]
+    alone = [sample(model, tokenizer, [p], [s], **SAMPLING)[0][0] for p, s in zip(prompts_, seeds)]
+    grouped, stats = sample(model, tokenizer, prompts_, seeds, max_rows=2 * m, **SAMPLING)
+    assert stats.prefill_passes == 2 and [[x.text for x in row] for row in grouped] == [[x.text for x in row] for row in alone]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -217,7 +218,23 @@ class Rows:
         return token
 
     def _wrote_marker(self, r: int) -> bool:
+        # the marker can only have been completed by a token whose text holds its last character: the tail
+        # is decoded only then, not for every reasoning row at every step
+        if not _holds(self.tokenizer, self.tokens[r][-1], self.marker[-1]):
+            return False
         return self.marker in self.tokenizer.decode(self.tokens[r][-self.tail:], skip_special_tokens=True)
+
+
+_pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → {(token, char): bool}
+
+
+def _holds(tokenizer, token: int, char: str) -> bool:
+    """Whether the text of `token` alone contains `char` (an ASCII character), memoized per tokenizer."""
+    known = _pieces.setdefault(tokenizer, {})
+    key = (token, char)
+    if key not in known:
+        known[key] = char in tokenizer.decode([token], skip_special_tokens=True)
+    return known[key]
 
 
 def _sample_group(model, tokenizer, prompts, seeds, temperature, top_p, max_new_tokens, reasoning_tokens,
@@ -245,10 +262,20 @@ def _sample_group(model, tokenizer, prompts, seeds, temperature, top_p, max_new_
     return [out[i * m:(i + 1) * m] for i in range(len(prompts))]
 
 
+def length_groups(tokenizer, prompts: list[str], size: int) -> list[list[int]]:
+    """Indices of `prompts` in groups of at most `size`, shortest prompts first (by tokens, ties in input
+    order): less left padding to prefill and to attend over at every decode step. One group keeps the order."""
+    if len(prompts) <= size:
+        return [list(range(len(prompts)))]
+    order = sorted(range(len(prompts)), key=lambda i: count_tokens(tokenizer, prompts[i]))
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
 def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temperature: float, top_p: float,
            max_new_tokens: int, reasoning_tokens: int | None = None,
            max_rows: int = 64) -> tuple[list[list[Sample]], SamplingStats]:
-    """len(seeds[i]) samples of prompts[i] (one per seed); one prefill per group of max_rows // m prompts.
+    """len(seeds[i]) samples of prompts[i] (one per seed); one prefill per group of max_rows // m prompts,
+    the prompts grouped by token length (results come back in the order of `prompts`).
 
     `max_new_tokens` caps the response; with `reasoning_tokens` each output is a reasoning of at most
     that many tokens, the separator, then the response (see `Rows`)."""
@@ -256,11 +283,12 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temp
     if not prompts:
         return [], stats
     per_group = max(1, max_rows // len(seeds[0]))
-    results: list[list[Sample]] = []
-    for start in range(0, len(prompts), per_group):
-        end = start + per_group
-        results += _sample_group(model, tokenizer, prompts[start:end], seeds[start:end], temperature, top_p,
-                                 max_new_tokens, reasoning_tokens, stats)
+    results: list[list[Sample] | None] = [None] * len(prompts)
+    for group in length_groups(tokenizer, prompts, per_group):
+        done = _sample_group(model, tokenizer, [prompts[i] for i in group], [seeds[i] for i in group], temperature,
+                             top_p, max_new_tokens, reasoning_tokens, stats)
+        for i, out in zip(group, done):
+            results[i] = out
     return results, stats
 
 
