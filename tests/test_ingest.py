@@ -155,3 +155,18 @@ def test_a_malformed_json_array_file_is_one_quarantine_row(spark, fresh_settings
     [row] = catalog.read(spark, fresh_settings, "quarantine").collect()
     assert row.reason.startswith("file: not a readable JSON array") and row.record_number == 0
     assert '"reviewerId": "u1"' in row.raw_record
+
+
+def test_a_run_whose_records_all_land_in_quarantine_stops_after_ingest_with_the_reason(spark, tmp_path, amazon_path):
+    """The shared Amazon file has no 'task' field: without --set data.task every record is quarantined, and the
+    pipeline stops right after ingest, naming the reason (instead of failing stages later on nothing)."""
+    from helpers import make_settings
+    from restpg import cli, pipeline
+
+    first = json.loads(amazon_path.read_text().splitlines()[0])
+    source = tmp_path / "no_task.jsonl"
+    source.write_text(json.dumps(first) + "\n" + json.dumps({**first, "reviewerId": "someone-else"}) + "\n")
+    s = make_settings(tmp_path / "home", f"data.source={source}")
+    with pytest.raises(pipeline.NoTrainingInputs, match=r"2 × no task: .*--set data.task"):
+        cli.run_stage("pipeline", spark, s, variants=["sft"], force=[])
+    assert not catalog.exists(spark, s, "retrievals")  # nothing ran after ingest
