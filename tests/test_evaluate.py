@@ -4,6 +4,7 @@ scored as an empty response, the result reports the output formats, and the run 
 candidate's version for the promotion task."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import astuple
 from pathlib import Path
 
@@ -226,3 +227,10 @@ def test_a_rerun_after_a_kill_does_only_what_is_missing(spark, home, tiny, versi
     evaluate.run(spark, s, run_id="forced", variants=["sft"], force=True)
     assert set(table("eval_predictions").run_id) == set(table("eval_scores").run_id) == {"forced"}
     assert len(table("eval_predictions")) == len(table("eval_scores")) == 3
+
+
+def test_max_examples_caps_the_evaluated_examples_lowest_ids_first(spark, home):
+    capped = dataclasses.replace(home, evaluate=dataclasses.replace(home.evaluate, max_examples=2))
+    ids = sorted(r.example_id for r in evaluate.evaluation_examples(spark, capped, "test").collect())
+    assert ids == sorted(TEST)[:2]
+    assert sorted(r.example_id for r in evaluate.evaluation_examples(spark, home, "test").collect()) == sorted(TEST)

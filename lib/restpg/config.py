@@ -162,6 +162,7 @@ class EvaluateConfig:
     temperature: float = _f(0.1, "decoding temperature at evaluation")
     top_p: float = _f(0.95, "nucleus top-p at evaluation")
     split: str = _f("test", "split evaluated")
+    max_examples: int = _f(0, "cap on the examples evaluated per split, lowest example ids first, as data.max_examples (0 = all)")
     alpha: float = _f(0.05, "significance level of the paired t-test")
     chunk_examples: int = _f(64, "examples per committed chunk of predictions and of scores (a killed run keeps every finished chunk)")
 

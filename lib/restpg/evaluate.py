@@ -83,6 +83,14 @@ def _missing(df, standing) -> list[str]:
     return sorted(r.example_id for r in (ids if standing is None else ids.join(standing, "example_id", "left_anti")).collect())
 
 
+def evaluation_examples(spark, settings: Settings, split: str):
+    """The split's examples, capped at `evaluate.max_examples` (lowest example ids first; 0 = all)."""
+    examples = catalog.read_slice(spark, settings, "examples", {"split": split})
+    if settings.evaluate.max_examples:
+        examples = examples.orderBy("example_id").limit(settings.evaluate.max_examples)
+    return examples
+
+
 def predict(spark, settings: Settings, variant: str, policy: str, split: str, ablation: str, run_id: str,
             force: bool = False, examples=None) -> int:
     """`policy` answers every example of `split` → the (ablation, variant, split) slice of eval_predictions,
@@ -94,7 +102,7 @@ def predict(spark, settings: Settings, variant: str, policy: str, split: str, ab
 
     cfg, slice_ = settings.evaluate, {"ablation": ablation, "variant": variant, "split": split}
     # `examples` replaces the split's rows, e.g. with profiles cut short (restpg.sparse_eval)
-    examples = examples if examples is not None else catalog.read_slice(spark, settings, "examples", {"split": split})
+    examples = examples if examples is not None else evaluation_examples(spark, settings, split)
     standing = _standing(spark, settings, "eval_predictions", slice_, lambda rows: rows.where(F.col("model_version") == policy),
                          force, run_id)
     parse = F.udf(lambda text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)

@@ -75,7 +75,9 @@ def cut_examples(spark, settings: Settings, split: str, size: int | None):
     """The split's examples with profiles cut to `size` and own `item_texts` retrieved from the cut."""
     from restpg import models
 
-    examples = catalog.read_slice(spark, settings, "examples", {"split": split}).select(*[c.split()[0] for c in EXAMPLE_SCHEMA.split(", ")][:-1])
+    from restpg.evaluate import evaluation_examples
+
+    examples = evaluation_examples(spark, settings, split).select(*[c.split()[0] for c in EXAMPLE_SCHEMA.split(", ")][:-1])
     cut = _cutter(size, settings.retrieve.k, settings.models.retriever, models.worker_env(settings), settings.retrieve.batch_size)
     return examples.mapInPandas(cut, EXAMPLE_SCHEMA).localCheckpoint()
 
