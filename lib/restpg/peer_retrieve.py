@@ -103,14 +103,25 @@ def _peer_finder(pools_bc, ref: str, env: dict, k: int, mode: str, batch_size: i
     return find
 
 
-def peer_rows(spark, settings: Settings, examples, mode: str = SIMILAR, k: int | None = None):
+def peer_items(spark, settings: Settings):
+    """Every training-split text of every user with its embedding: what peers' cues are chosen from."""
+    from pyspark.sql import functions as F
+
+    from restpg.embedding import embed_column
+
+    texts = user_profiles.user_texts(catalog.read(spark, settings, "examples"))
+    return embed_column(texts.select("task", F.col("user_id").alias("peer_user_id"), F.col("text_id").alias("item_id"),
+                                     "text", "values"), "text", "vec", settings)
+
+
+def peer_rows(spark, settings: Settings, examples, mode: str = SIMILAR, k: int | None = None, items=None):
     """`COLUMNS` of the peer retrievals of `examples` (any examples-shaped DataFrame, e.g. with
-    truncated profiles): no write, so the sparse-profile evaluation reuses it."""
+    truncated profiles): no write, so the sparse-profile evaluation reuses it. `items` (`peer_items`,
+    embedded once by a caller that asks several times) saves embedding the pool again."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from restpg import models
-    from restpg.embedding import embed_column
 
     if mode not in (SIMILAR, RANDOM):
         raise ValueError(f"mode is {SIMILAR!r} or {RANDOM!r}, not {mode!r}")
@@ -119,9 +130,7 @@ def peer_rows(spark, settings: Settings, examples, mode: str = SIMILAR, k: int |
     find = _peer_finder(pools_bc, settings.models.retriever, models.worker_env(settings), k, mode, settings.retrieve.batch_size)
     peers = (examples.select("example_id", "task", "split", "user_id", "input", "target", "profile")
              .mapInPandas(find, PEERS_SCHEMA))
-    texts = user_profiles.user_texts(catalog.read(spark, settings, "examples"))
-    items = embed_column(texts.select("task", F.col("user_id").alias("peer_user_id"), F.col("text_id").alias("item_id"),
-                                      "text", "values"), "text", "vec", settings)
+    items = items if items is not None else peer_items(spark, settings)
     leaks = F.udf(lambda text, values, target: retrieve.leaks_target(text, values, target), "boolean")
     score = F.expr("aggregate(zip_with(input_vec, vec, (a, b) -> a * b), 0D, (acc, x) -> acc + x)")
     best = Window.partitionBy("example_id", "trajectory", "rank").orderBy(F.desc("item_score"), "item_id", "text")

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from restpg import catalog, peer_retrieve, registry, retrieve
+from restpg import peer_retrieve, registry, retrieve
 from restpg import variants as V
 from restpg.config import Settings
 from restpg.tracking import say
@@ -82,14 +82,16 @@ def cut_examples(spark, settings: Settings, split: str, size: int | None):
     return examples.mapInPandas(cut, EXAMPLE_SCHEMA).localCheckpoint()
 
 
-def inputs_for(spark, settings: Settings, cut, variant: str):
-    """What `variant` reads at this size: own items only, or own items + peers (similar or random)."""
+def inputs_for(spark, settings: Settings, cut, variant: str, items=None):
+    """What `variant` reads at this size: own items only, or own items + peers (similar or random), computed
+    once (the evaluation reads its inputs several times). `items`: the peer pool, embedded once per sweep."""
     from restpg.policy_inputs import with_peer_items
 
     if not V.uses_peers(variant):
         return cut
     mode = peer_retrieve.RANDOM if variant == RANDOM_PEERS else peer_retrieve.SIMILAR
-    return with_peer_items(spark, settings, cut, peer_retrieve.peer_rows(spark, settings, cut, mode))
+    peers = peer_retrieve.peer_rows(spark, settings, cut, mode, items=items)
+    return with_peer_items(spark, settings, cut, peers).localCheckpoint()
 
 
 def plot(summary: pd.DataFrame, path, metric: str = "judge_score") -> str:
@@ -124,11 +126,13 @@ def run(spark, settings: Settings, *, run_id: str, sizes: str = "0,1,2,all", var
     if "pat" in policies:
         policies[RANDOM_PEERS] = policies["pat"]
     summaries = []
+    items = peer_retrieve.peer_items(spark, settings).localCheckpoint() if any(V.uses_peers(v) for v in policies) else None
     for size in parse_sizes(sizes):
         ablation, cut = label(size), cut_examples(spark, settings, split, size)
         for variant, policy in policies.items():
             say(f"sparse_eval {ablation}: {variant} ({policy})")
-            evaluate.predict(spark, settings, variant, policy, split, ablation, run_id, examples=inputs_for(spark, settings, cut, variant))
+            evaluate.predict(spark, settings, variant, policy, split, ablation, run_id,
+                             examples=inputs_for(spark, settings, cut, variant, items))
             evaluate.score(spark, settings, variant, split, ablation, run_id)
         summary, _ = evaluate.summarize(spark, settings, split, ablation, run_id)
         summaries.append(summary)
