@@ -179,12 +179,15 @@ def judge_with(model, tokenizer, prompts_: list[str], scores: tuple, max_rows: i
     return out
 
 
-def _cosines(responses: list[str], targets: list[str], ref: str, model_settings: Settings) -> list[float]:
+def _cosines(responses: list[str], targets: list[str], ref: str, model_settings: Settings, *others: list[str]):
+    """Cosine of each response with its target under `ref`; with `others` (more lists of texts), one list of
+    cosines per list, the responses embedded once."""
     from restpg.embedding import embed_with
 
     embedder = models.cached_embedder(ref, model_settings)
-    a, b = embed_with(embedder, responses), embed_with(embedder, targets)
-    return [float(x) for x in np.sum(a * b, axis=1)]
+    a = embed_with(embedder, responses)
+    sims = [[float(x) for x in np.sum(a * embed_with(embedder, b), axis=1)] for b in (targets, *others)]
+    return sims if others else sims[0]
 
 
 def _llm(ref: str, model_settings: Settings, scores: tuple, budget: int, inputs, targets, responses) -> list[Judgement]:
@@ -209,12 +212,17 @@ def reward_rows(kind: str, ref: str, model_settings: Settings, scores: tuple, bu
     if not todo:
         return out
     pick = lambda xs: [xs[i] for i in todo]  # noqa: E731
-    if kind == "embedding":
-        done = [Judgement(c) for c in _cosines(pick(responses), [t or "" for t in pick(targets)], ref, model_settings)]
+    responses_, targets_, inputs_ = pick(responses), [t or "" for t in pick(targets)], [t or "" for t in pick(inputs)]
+    topic = None
+    if kind == "embedding" and on and retriever == ref:  # one model: the responses are embedded once for both terms
+        quality, topic = _cosines(responses_, targets_, ref, model_settings, inputs_)
+        done = [Judgement(c) for c in quality]
+    elif kind == "embedding":
+        done = [Judgement(c) for c in _cosines(responses_, targets_, ref, model_settings)]
     else:
-        done = _llm(ref, model_settings, scores, budget, pick(inputs), pick(targets), pick(responses))
+        done = _llm(ref, model_settings, scores, budget, pick(inputs), pick(targets), responses_)
     if on:
-        topic = _cosines(pick(responses), [t or "" for t in pick(inputs)], retriever, model_settings)
+        topic = topic if topic is not None else _cosines(responses_, inputs_, retriever, model_settings)
         styles = [style_fidelity(r, t or "") for r, t in zip(pick(responses), pick(targets))]
         done = [Judgement(composite(terms, weights_), j.score, j.criterion_logprobs, terms)
                 for j, s_, c in zip(done, styles, topic)
