@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from restpg import generation, models, rewards  # noqa: E402
+from restpg import generation, models, rewards, scoring  # noqa: E402
 from restpg.config import load_settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -158,8 +158,9 @@ def bench_sampling(model, bf16_model, tokenizer, args, budget: Budget) -> dict:
 
 
 def bench_judging(model, tokenizer, args, budget: Budget) -> dict:
-    """Seconds to judge m outputs (LLM judge, labels 1..10 scored together after one prefill per
-    output's judge prompt) against seconds to sample those m outputs, round by round."""
+    """Seconds to judge m outputs (LLM judge, labels 1..10 scored together; the m judge prompts share
+    criteria, request and expected output, computed once) against seconds to sample those m outputs,
+    and against the same judging with every prompt prefilled whole, round by round."""
     prompt = make_prompt(tokenizer, args.prompt_tokens)
     template = rewards.judge_template((1, 3, 5, 7, 10))
     rounds = []
@@ -170,9 +171,11 @@ def bench_judging(model, tokenizer, args, budget: Budget) -> dict:
         texts = [rewards.fit_judge_prompt(tokenizer, template, "Write a review of a toaster in my style.", PROFILE, s.text, 4096)
                  for s in samples[0]]
         t_judge, judged = timed(rewards.judge_with, model, tokenizer, texts, template.scores)
-        rounds.append({"sample_s": t_sample, "judge_s": t_judge, "outputs": len(judged),
+        t_whole, _ = timed(scoring.score_candidates, model, tokenizer, texts, template.labels, share=False)
+        rounds.append({"sample_s": t_sample, "judge_s": t_judge, "judge_whole_s": t_whole, "outputs": len(judged),
                        "judge_prompt_tokens": statistics.mean(generation.count_tokens(tokenizer, t) for t in texts)})
-        print(f"  judging round {r + 1}: sample {t_sample:.1f}s, judge {t_judge:.1f}s for {len(judged)} outputs", flush=True)
+        print(f"  judging round {r + 1}: sample {t_sample:.1f}s, judge {t_judge:.1f}s (prompts whole: {t_whole:.1f}s) "
+              f"for {len(judged)} outputs", flush=True)
     return {"rounds": rounds}
 
 
@@ -353,6 +356,9 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
     j = res["judging"]["rounds"]
     rows.append(ratio_row("judging cost per output", [r["judge_s"] / r["sample_s"] for r in j], " ", 0.25,
                           "sampling that output (m outputs)", higher=False))
+    if "judge_whole_s" in j[0]:
+        rows.append(ratio_row("judging, shared prompt prefix", [r["judge_whole_s"] / r["judge_s"] for r in j], "x", None,
+                              "each judge prompt prefilled whole"))
     t = res["training"]
     train_limit = peak["fp32_gflops"] * 1e9 / (6 * res["params"])
     rows.append(ratio_row("training bf16 autocast tokens/s", [r["bf16_tps"] / r["eager_tps"] for r in t["rounds"]], "x", None,

@@ -168,6 +168,47 @@ def test_grouping_prompts_changes_nothing(lm):
         assert a == pytest.approx(b, abs=1e-5)
 
 
+def test_prefix_groups_are_runs_of_prompts_sharing_leading_tokens():
+    head, other = list(range(100, 120)), list(range(200, 230))
+    ids = [head + [1, 2], head + [3], head + [4, 5, 6], other, head[:5] + [9] * 20, other + [7]]
+    assert scoring.prefix_groups(ids, max_rows=8) == [([0, 1, 2], 20), ([3], 0), ([4], 0), ([5], 0)]
+    # the prefix leaves each prompt a token of its own; at most max_rows prompts per group
+    assert scoring.prefix_groups([head, head + [1]], max_rows=8) == [([0, 1], 19)]
+    assert scoring.prefix_groups(ids[:3], max_rows=2) == [([0, 1], 20), ([2], 0)]
+    assert scoring.prefix_groups(ids[:3], max_rows=8, min_shared=21) == [([0], 0), ([1], 0), ([2], 0)]
+
+
+def _judge_prompts(tokenizer) -> list[str]:
+    """Judge prompts as the E-step makes them: m responses per input share criteria, request and truth."""
+    template = rewards.judge_template(SCORES)
+    inputs = [("Write a review of a kettle.", "Great kettle, boils fast and looks good on the counter."),
+              ("Write an email about the meeting.", "Hi Sam, the meeting moved to 3pm.")]
+    responses = ["Great kettle.", "It boils water fast, and the handle stays cool; I would buy it again.", "Meh", ""]
+    return [generation.render_chat(tokenizer, template.render(x, y, r)) for x, y in inputs for r in responses] + ["an email"]
+
+
+@pytest.mark.parametrize("ref", ["tiny", "gemma"])
+def test_shared_prefixes_score_like_prompts_prefilled_whole(ref, request, settings):
+    """Judge prompts of one input computed with their common prefix once give the scores of prompts
+    prefilled whole, on the tiny model and on Gemma 3 270M (BOS in its chat template, split digits)."""
+    if ref == "gemma":
+        request.applymarker(pytest.mark.slow)
+        model, tokenizer = models.cached_causal_lm(GEMMA, settings)
+    else:
+        model, tokenizer = request.getfixturevalue("lm")
+    prompts_ = _judge_prompts(tokenizer)
+    labels = [str(s) for s in SCORES]
+    alone, plain = scoring.score_candidates(model, tokenizer, prompts_, labels, share=False)
+    shared, stats = scoring.score_candidates(model, tokenizer, prompts_, labels)
+    assert stats.suffix_passes == 1 and stats.shared_tokens > 20 * (len(prompts_) - 3) and plain.shared_tokens == 0
+    for a, b in zip(shared, alone):
+        assert list(a) == labels and a == pytest.approx(b, abs=2e-4)
+    # in groups small enough to split an input's prompts, and a lone prompt in a batch of its own
+    split, _ = scoring.score_candidates(model, tokenizer, prompts_, labels, max_rows=3 * len(labels))
+    for a, b in zip(split, alone):
+        assert a == pytest.approx(b, abs=2e-4)
+
+
 def test_bigram_judge_prefers_ten_as_a_whole_label(bigram_judge, settings):
     """On a real checkpoint through the real judge prompt: the judge's answer is "10" → reward 1.0;
     the summed label tokens of the same model would say "1"."""

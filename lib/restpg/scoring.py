@@ -10,7 +10,13 @@ and "the answer is 10" are disjoint and comparable.
 
 The prompts are prefilled once; their KV cache is repeated once per candidate and a single forward over
 the right-padded candidate tokens gives, for every candidate, its tokens' log-probabilities and the
-distribution of the token after it. A candidate is tokenized on its own (no special tokens, no space
+distribution of the token after it.
+
+Consecutive prompts that share a long token prefix (a judge's m samples of one input share the criteria,
+the request and the expected output; only the response differs) are prefilled in two steps: the shared
+prefix once per group, then each prompt's own suffix on a copy of the prefix's cache. The tokens fed are
+exactly each prompt's own tokens (the prefix is a common prefix of the prompts' token ids, not of their
+texts), so the scores equal the one-prompt-at-a-time ones. A candidate is tokenized on its own (no special tokens, no space
 added) and appended to the prompt's tokens, so the prompt should end where the label starts (the judge
 template ends with a newline; a chat template ends with the assistant turn's header).
 """
@@ -20,10 +26,12 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
-from restpg.generation import prefill
+from restpg.generation import DecodeState, encode, prefill
 
 DIGITS = frozenset("0123456789")
+MIN_SHARED = 16  # prompts share a prefill when their token ids agree on at least this many leading tokens
 _ends_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → {vocab_size: mask}
 
 
@@ -32,6 +40,8 @@ class ScoringStats:
     prompts: int = 0
     prefill_passes: int = 0
     candidate_passes: int = 0
+    suffix_passes: int = 0
+    shared_tokens: int = 0  # prompt tokens not computed again because a group's prefix was computed once
 
 
 def candidate_ids(tokenizer, candidates: list[str]) -> list[list[int]]:
@@ -71,37 +81,121 @@ def label_logprobs(steps: torch.Tensor, tokens: torch.Tensor, lengths: torch.Ten
     return said + ended
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(ids: list[list[int]], max_rows: int, min_shared: int = MIN_SHARED) -> list[tuple[list[int], int]]:
+    """(prompt indices, shared prefix length) of runs of consecutive prompts whose token ids share at least
+    `min_shared` leading tokens, at most `max_rows` prompts each; the prefix leaves every prompt at least
+    one token of its own. A prompt that shares nothing is a group of one with prefix 0."""
+    groups: list[tuple[list[int], int]] = []
+    for i, row in enumerate(ids):
+        if groups and len(groups[-1][0]) < max_rows:
+            members, shared = groups[-1]
+            first = ids[members[0]]
+            n = min(common_prefix(first, row) if len(members) == 1 else common_prefix(first[:shared], row),
+                    len(row) - 1, min(len(ids[j]) for j in members) - 1)
+            if n >= min_shared:
+                groups[-1] = (members + [i], n)
+                continue
+        groups.append(([i], 0))
+    return groups
+
+
 @torch.inference_mode()
-def _score_group(model, tokenizer, prompts: list[str], cand: list[list[int]], ends: torch.Tensor,
-                 stats: ScoringStats) -> torch.Tensor:
-    """[prompts, candidates] whole-label log-probabilities."""
-    n = len(cand)
-    state = prefill(model, tokenizer, prompts, n)
+def _prefix_state(model, tokenizer, ids: list[list[int]], groups: list[tuple[list[int], int]],
+                  stats: ScoringStats) -> DecodeState:
+    """The state after every prompt of `groups`: each group's shared prefix computed once (left-padded), its
+    cache copied to the group's prompts, then every prompt's own suffix (left-padded after the prefix)."""
+    device, pad = model.device, tokenizer.pad_token_id or 0
+    groups = [(members, shared or len(ids[members[0]]) - 1) for members, shared in groups]  # a lone prompt: all but its last token
+    heads = [ids[members[0]][:shared] for members, shared in groups]
+    width = max(len(h) for h in heads)
+    head_ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=device)
+    head_mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=head_ids, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
     stats.prefill_passes += 1
+    owner = [g for g, (members, _) in enumerate(groups) for _ in members]
+    cache.batch_select_indices(torch.tensor(owner, device=device))
+    rows = [(i, shared) for members, shared in groups for i in members]
+    stats.shared_tokens += sum(shared * (len(members) - 1) for members, shared in groups)
+    tails = [ids[i][shared:] for i, shared in rows]
+    tail_width = max(len(t) for t in tails)
+    tail_ids = torch.tensor([[pad] * (tail_width - len(t)) + t for t in tails], device=device)
+    tail_mask = torch.tensor([[0] * (tail_width - len(t)) + [1] * len(t) for t in tails], device=device)
+    starts = torch.tensor([shared for _, shared in rows], device=device)
+    mask = torch.cat([head_mask[owner], tail_mask], dim=1)
+    out = model(input_ids=tail_ids, attention_mask=mask,
+                position_ids=(starts[:, None] + tail_mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    stats.suffix_passes += 1
+    return DecodeState(cache=cache, mask=mask, positions=starts + tail_mask.sum(-1), logits=out.logits[:, -1].float(),
+                       rows=list(range(len(rows))))
+
+
+@torch.inference_mode()
+def _score_state(model, tokenizer, state: DecodeState, cand: list[list[int]], ends: torch.Tensor,
+                 stats: ScoringStats) -> torch.Tensor:
+    """[prompts, candidates] whole-label log-probabilities from the state after each prompt (one row each)."""
+    n, prompts_n = len(cand), len(state.rows)
+    if n > 1:
+        state.cache.batch_repeat_interleave(n)
+        state = DecodeState(state.cache, state.mask.repeat_interleave(n, dim=0), state.positions.repeat_interleave(n),
+                            state.logits.repeat_interleave(n, dim=0))
     width, pad = max(len(c) for c in cand), tokenizer.pad_token_id or 0
-    tokens = torch.tensor([c + [pad] * (width - len(c)) for c in cand] * len(prompts), device=model.device)
-    lengths = torch.tensor([len(c) for c in cand] * len(prompts), device=model.device)
+    tokens = torch.tensor([c + [pad] * (width - len(c)) for c in cand] * prompts_n, device=model.device)
+    lengths = torch.tensor([len(c) for c in cand] * prompts_n, device=model.device)
     present = (torch.arange(width, device=model.device)[None, :] < lengths[:, None]).long()
     out = model(input_ids=tokens, attention_mask=torch.cat([state.mask, present], dim=1),
                 position_ids=state.positions[:, None] + torch.arange(width, device=model.device),
                 past_key_values=state.cache, use_cache=True)
     stats.candidate_passes += 1
     steps = torch.log_softmax(torch.cat([state.logits[:, None], out.logits.float()], dim=1), -1)
-    return label_logprobs(steps, tokens, lengths, ends).view(len(prompts), n)
+    return label_logprobs(steps, tokens, lengths, ends).view(prompts_n, n)
+
+
+@torch.inference_mode()
+def _score_group(model, tokenizer, prompts: list[str], cand: list[list[int]], ends: torch.Tensor,
+                 stats: ScoringStats) -> torch.Tensor:
+    """[prompts, candidates] whole-label log-probabilities, the prompts prefilled whole."""
+    state = prefill(model, tokenizer, prompts, 1)
+    stats.prefill_passes += 1
+    return _score_state(model, tokenizer, state, cand, ends, stats)
 
 
 def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str], max_rows: int = 64,
-                     ends: torch.Tensor | None = None) -> tuple[list[dict[str, float]], ScoringStats]:
+                     ends: torch.Tensor | None = None, share: bool = True) -> tuple[list[dict[str, float]], ScoringStats]:
     """{candidate: log p(candidate as a whole answer | prompt)} per prompt; one prefill per group of
     max_rows // len(candidates) prompts. `ends` (default `number_ends`) is the set of tokens that end a
-    candidate, the same for every candidate."""
+    candidate, the same for every candidate. With `share`, consecutive prompts with a common token prefix
+    of at least MIN_SHARED tokens compute it once (`prefix_groups`)."""
     stats = ScoringStats(prompts=len(prompts))
     cand = candidate_ids(tokenizer, candidates)
     if ends is None:
         ends = number_ends(tokenizer, model.get_output_embeddings().weight.shape[0])
     per_group = max(1, max_rows // len(cand))
+    ids = [encode(tokenizer, p) for p in prompts] if share else None
+    groups = prefix_groups(ids, per_group) if share else [([i], 0) for i in range(len(prompts))]
     scores: list[dict[str, float]] = []
-    for start in range(0, len(prompts), per_group):
-        table = _score_group(model, tokenizer, prompts[start:start + per_group], cand, ends, stats)
+    batch: list[tuple[list[int], int]] = []
+    for k, group in enumerate(groups):
+        batch.append(group)
+        rows = sum(len(members) for members, _ in batch)
+        following = len(groups[k + 1][0]) if k + 1 < len(groups) else None
+        if following is not None and rows + following <= per_group:
+            continue
+        if all(len(members) == 1 for members, _ in batch) or any(len(ids[members[0]]) < 2 for members, _ in batch):
+            table = _score_group(model, tokenizer, [prompts[members[0]] for members, _ in batch], cand, ends, stats)
+        else:
+            table = _score_state(model, tokenizer, _prefix_state(model, tokenizer, ids, batch, stats), cand, ends, stats)
         scores += [dict(zip(candidates, row)) for row in table.tolist()]
+        batch = []
     return scores, stats
