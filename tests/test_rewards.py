@@ -208,3 +208,20 @@ def test_composite_reward_stores_every_term_and_ranks_style_and_topic(spark, tmp
     assert dict(out["like"].reward_terms)["style"] > dict(out["unlike"].reward_terms)["style"]
     assert dict(out["like"].reward_terms)["topic"] > dict(out["off"].reward_terms)["topic"]
     assert out["like"].reward > out["unlike"].reward
+
+
+def test_llm_rewards_of_interleaved_requests_keep_their_rows(tiny_dir, settings):
+    """The LLM judge scores the prompts of one request side by side (to share their prefix) and gives each
+    row back its own judgement: equal to judging that row's prompt alone."""
+    inputs = ["Write a review of a kettle.", "Write an email about the meeting."] * 3
+    targets = ["Great kettle, boils fast.", "Hi Sam, the meeting moved to 3pm."] * 3
+    responses = ["Nice kettle.", "See you at three.", "It boils water in a minute, quietly.", "Hi all", "Tea.", "Moved."]
+    scores = (1, 3, 5, 7, 10)
+    tiny_dir = str(tiny_dir)
+    got = rewards.reward_rows("llm", tiny_dir, settings, scores, 4096, inputs, targets, responses)
+    model, tokenizer = models.cached_causal_lm(tiny_dir, settings)
+    template = rewards.judge_template(scores)
+    for row, i, t, r in zip(got, inputs, targets, responses):
+        (alone,) = rewards.judge_with(model, tokenizer, [rewards.fit_judge_prompt(tokenizer, template, i, t, r, 4096)], scores)
+        assert row.criterion_logprobs == pytest.approx(alone.criterion_logprobs, abs=2e-4) and row.score == alone.score
+    assert len({tuple(sorted(j.criterion_logprobs.items())) for j in got}) == len(responses)  # every row differs

@@ -194,7 +194,13 @@ def _llm(ref: str, model_settings: Settings, scores: tuple, budget: int, inputs,
     model, tokenizer = models.cached_causal_lm(ref, model_settings)
     template = judge_template(scores)
     texts = [fit_judge_prompt(tokenizer, template, i or "", t or "", r, budget) for i, t, r in zip(inputs, targets, responses)]
-    return judge_with(model, tokenizer, texts, scores)
+    # the prompts of one request side by side, so their shared prefix is computed once (scoring.prefix_groups)
+    order = sorted(range(len(texts)), key=lambda k: (inputs[k] or "", targets[k] or ""))
+    judged = judge_with(model, tokenizer, [texts[k] for k in order], scores)
+    out: list = [None] * len(texts)
+    for k, j in zip(order, judged):
+        out[k] = j
+    return out
 
 
 def reward_rows(kind: str, ref: str, model_settings: Settings, scores: tuple, budget: int,
