@@ -210,6 +210,7 @@ def _fmt(x, spec=".4f") -> str:
 
 
 def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: Settings) -> None:
+    from restpg.rewards import kind_label
     from restpg.runtime import mlflow_uris
 
     lines = ["", "=" * 100, "restpg run — summary", ""]
@@ -226,7 +227,7 @@ def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: S
     for v, rewards in mean_reward.items():
         trend = " → ".join(_fmt(x) for x in rewards)
         verdict = "" if len(rewards) < 2 or None in rewards else " (rises)" if rewards[-1] > rewards[0] else " (does not rise)"
-        lines.append(f"Mean {s.judge.reward} reward of {v} samples on the training inputs by iteration: {trend}{verdict}")
+        lines.append(f"Mean {kind_label(s)} reward of {v} samples on the training inputs by iteration: {trend}{verdict}")
     for label, r in steps.results.items():
         if label.startswith(("judge", "filtering")):
             issues = r.get("format_issues") or {}
