@@ -129,7 +129,8 @@ def _driver(master: str, home: str, tiny: str, out: str) -> None:
     from restpg.config import load_settings
     from restpg.runtime import get_spark
 
-    s = load_settings("local", [*tiny_overrides(tiny, m=2), f"spark.master={master}"], home=home)
+    # one chunk per stage: this test compares rows, the chunking has tests of its own
+    s = load_settings("local", [*tiny_overrides(tiny, m=2), "sample.chunk_examples=64", f"spark.master={master}"], home=home)
     d = s.data
     source = demo_data.write(Path(home) / "demo.jsonl", users_per_task=d.demo_users, profile_items=d.demo_profile_items,
                              examples_per_user=d.demo_examples_per_user, seed=d.demo_seed)
