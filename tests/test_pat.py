@@ -135,3 +135,15 @@ def test_refinement_prompts_carry_the_best_well_formed_merged_reasoning_into_tra
     assert set(kept) == {"t1", "t2"}
     assert kept["t1"].prompt == prompts_["t1"].prompt and kept["t1"].template_version == refine
     assert kept["t2"].prompt == prompts_["t2"].prompt and kept["t2"].template_version == plain
+
+
+def test_teacher_path_gets_the_prefix_once(spark):
+    """The PAT teacher's prompt ends with "Style:"; a chat-tuned teacher often answers "Style: …" itself,
+    which must not become "Style: Style: …"."""
+    from pyspark.sql import functions as F
+
+    from restpg.reason import with_prefix
+
+    df = spark.createDataFrame([("terse, upbeat.",), ("Style: terse.\nTopic: price.",), ("",)], "text string")
+    got = [r[0] for r in df.select(with_prefix(F.col("text"), "Style:")).collect()]
+    assert got == ["Style: terse, upbeat.", "Style: terse.\nTopic: price.", ""]

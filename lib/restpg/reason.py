@@ -62,6 +62,15 @@ def path_slice(settings: Settings) -> dict:
             "template_version": prompts.template("teacher_reasoning").version}
 
 
+def with_prefix(text, prefix: str):
+    """`prefix` before a non-empty text (the teacher's prompt ended with it, so its answer continues it),
+    unless a chat-tuned teacher answered by writing the prefix itself; empty stays empty."""
+    from pyspark.sql import functions as F
+
+    return (F.when(F.length(text) == 0, F.lit("")).when(text.startswith(prefix), text)
+            .otherwise(F.concat(F.lit(prefix + " "), text)))
+
+
 def teacher_paths(spark, settings: Settings, teacher_prompts, part, slice_: dict, run_id: str, prefix: str = ""):
     """reasoning_paths rows: the teacher's answer to each of `teacher_prompts` (example_id, prompt) within
     the reasoning budget, `prefix` before a non-empty one, flagged `copied` when it quotes `part`'s target."""
@@ -75,9 +84,7 @@ def teacher_paths(spark, settings: Settings, teacher_prompts, part, slice_: dict
         max_new_tokens=settings.prompt.max_reasoning_tokens, iteration=0, seed=settings.sample.seed, chat=True)
     n, threshold = cfg.copy_ngram, cfg.copy_threshold
     overlap = F.udf(lambda r, t: copy_overlap(r or "", t or "", n), "double")
-    reasoning = F.trim("text")
-    if prefix:
-        reasoning = F.when(F.length(reasoning) > 0, F.concat(F.lit(prefix + " "), reasoning)).otherwise(F.lit(""))
+    reasoning = with_prefix(F.trim("text"), prefix) if prefix else F.trim("text")
     return (samples.join(part.select("example_id", "task", "target"), "example_id")
             .select("example_id", "task", F.lit(slice_["teacher"]).alias("teacher"),
                     F.lit(slice_["template_version"]).alias("template_version"),
