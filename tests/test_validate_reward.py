@@ -115,7 +115,7 @@ def _examples():
     return rows
 
 
-def test_stage_gates_an_unfit_reward_and_records_it(spark, tiny, tmp_path):
+def test_stage_gates_an_unfit_reward_and_records_it(spark, tiny, tmp_path, capsys):
     s = make_settings(tmp_path / "home", "judge.reward=embedding", f"models.policy={tiny}", "prompt.max_input_tokens=200",
                       "prompt.max_reasoning_tokens=4", "prompt.max_response_tokens=8", "validate.examples=6", "retrieve.k=2")
     write_rows(spark, s, "examples", _examples() + [example_row("t-e0", "u9", split="train")])
@@ -128,7 +128,10 @@ def test_stage_gates_an_unfit_reward_and_records_it(spark, tiny, tmp_path):
     rows = catalog.read(spark, s, "reward_validation").toPandas()
     assert set(rows["run_id"]) == {"rv1"} and not rows["fit"].all()  # recorded before raising
 
+    capsys.readouterr()
     report = vr.run(spark, s, run_id="rv2", policy=tiny, allow_unfit=True)
+    err = capsys.readouterr().err  # the policy's answers show progress: 6 examples, own and shuffled profile
+    assert "validate_reward: sft answers (own and shuffled profile) [" in err and "12/12 (100%)" in err
     assert report["fit"] is False and report["rows"] == 8 and "NOT fit" in report["verdict"]
     assert report["slope"] == pytest.approx(verdict.slope) and report["p_value"] == pytest.approx(verdict.p_value)
     rows = catalog.read(spark, s, "reward_validation").toPandas()

@@ -318,6 +318,7 @@ class SamplingJob:
     budget: int
     batch_rows: int
     with_worker_info: bool
+    counter: object = None  # a Spark accumulator (embedding.watch) that gets the prompts answered
 
     def __call__(self, batches):
         import pandas as pd
@@ -340,20 +341,25 @@ class SamplingJob:
                 ])
                 if self.with_worker_info:
                     out["worker_pid"], out["worker_loads"] = os.getpid(), models.load_count(self.ref)
+                if self.counter is not None:
+                    self.counter.add(len(ids))
                 yield out
 
 
 def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: float, top_p: float,
                 max_new_tokens: int, iteration: int, seed: int, reasoning_tokens: int | None = None,
                 prompt_col: str = "prompt",
-                id_col: str = "example_id", chat: bool = False, max_rows: int = 64, with_worker_info: bool = False):
+                id_col: str = "example_id", chat: bool = False, max_rows: int = 64, with_worker_info: bool = False,
+                counter=None):
     """m samples per row → rows (id, sample_index 0..m-1, seed, text, n_tokens, finished, reasoning_forced,
     prompt_truncated). Budgets as in `sample`.
 
     `prompt_col` is either the rendered prompt (string, used as is) or a struct (head, items, tail) that is
     fitted to `settings.prompt.max_input_tokens` with the model's own tokenizer on the executor (and
     rendered with the chat template when `chat`); `prompt_truncated` reports which prompts lost profile.
-    `with_worker_info` adds each row's worker pid and that worker's model-load count.
+    `with_worker_info` adds each row's worker pid and that worker's model-load count. `counter` (see
+    `embedding.watch`) gets the prompts answered; with it the prompts are spread over `PROGRESS_STEPS`
+    partitions per core so the count moves before the end.
     """
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
@@ -371,9 +377,14 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
         params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                 "reasoning_tokens": reasoning_tokens, "max_rows": max_rows},
         chat=chat, budget=settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,
-        with_worker_info=with_worker_info,
+        with_worker_info=with_worker_info, counter=counter,
     )
     df.sparkSession.sparkContext.setJobDescription(
         f"restpg sample: {m} x {max_new_tokens} tokens per prompt from {ref}, iteration {iteration}")
     log.info("sampling %d per prompt from %s (temperature %.2f, top-p %.2f)", m, ref, temperature, top_p)
-    return df.select(F.col(id_col).cast("string").alias(id_col), *columns).mapInPandas(job, schema)
+    out = df.select(F.col(id_col).cast("string").alias(id_col), *columns)
+    if counter is not None:
+        from restpg.embedding import PROGRESS_STEPS, spread
+
+        out = spread(out, df.sparkSession.sparkContext.defaultParallelism * PROGRESS_STEPS)
+    return out.mapInPandas(job, schema)

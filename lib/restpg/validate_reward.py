@@ -21,6 +21,7 @@ import numpy as np
 from restpg import catalog, prompts, tasks
 from restpg import variants as V
 from restpg.config import Settings
+from restpg.embedding import watch
 from restpg.tracking import say
 
 SHUFFLE_LEVELS = (0, 25, 50, 75, 100)
@@ -167,7 +168,7 @@ else PAT's iteration 0."""
                       "sft_reasoning --iteration 0` (or --variant sft) first, or pass a policy")
 
 
-def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows: list[dict], donor: dict):
+def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows: list[dict], donor: dict, counter=None):
     """DataFrame(key, input, target, response), key own|<example_id> or shuffled|<example_id>: each example
     answered with its own retrieved items and with its donor's."""
     from pyspark.sql import functions as F
@@ -184,7 +185,7 @@ def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows:
     cfg = settings.evaluate
     out = generation.generate_df(prompts_df.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
                                  top_p=cfg.top_p, iteration=-2, seed=settings.sample.seed,
-                                 **generation.limits(settings, variant))
+                                 counter=counter, **generation.limits(settings, variant))
     # the gate checks what the reward sees in the policy's text, not whether the policy stopped in time:
     # a response cut at its budget is scored as it stands (the format rule is the filter's and evaluation's)
     respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", True).response, "string")
@@ -231,9 +232,11 @@ def run(spark, settings: Settings, *, run_id: str, policy: str | None = None, va
 
     direct = spark.createDataFrame(direct_pairs(rows), "example_id string, setting string, input string, target string, response string")
     scored = direct.select(F.concat_ws("|", "setting", "example_id").alias("key"), "input", "target", "response")
-    if donor:
-        scored = scored.unionByName(_shuffle_outputs(spark, settings, policy, variant, rows, donor))
-    reward = {r.key: float(r.reward) for r in add_rewards(spark, settings, scored).select("key", "reward").collect()}
+    answers = 2 * sum(r["example_id"] in donor for r in rows)
+    with watch(spark, f"validate_reward: {variant} answers (own and shuffled profile)", answers) as counter:
+        if donor:
+            scored = scored.unionByName(_shuffle_outputs(spark, settings, policy, variant, rows, donor, counter))
+        reward = {r.key: float(r.reward) for r in add_rewards(spark, settings, scored).select("key", "reward").collect()}
 
     levels, xs, ys = _assemble(rows, donor, reward)
     slope, p_value = shuffle_trend(xs, ys)
