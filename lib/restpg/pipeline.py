@@ -176,7 +176,7 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
                 fp_f, _ = steps.run("filtering", sl, _cfg(s.filter), [fp_j], variant=variant, iteration=t)
                 fp_model[(variant, t)], _ = steps.run("train", sl, train_cfg, [fp_f, policy_fp if s.train.restart_from == "previous" else ""],
                                                       variant=variant, iteration=t)
-    finals = [fp_model[(v, V.final_iteration(v, T))] for v in wanted]
+    finals = [fp_model[V.final_slice(v, T)] for v in wanted]
     _, evaluated = steps.run("evaluate", f"split={s.evaluate.split}", _cfg(s.evaluate, s.judge, s.prompt), finals,
                              fn=lambda rid, redo: importlib.import_module("restpg.evaluate").run(
                                  spark, s, run_id=rid, variants=wanted, force=redo))

@@ -44,10 +44,10 @@ def sampling_policy(settings: Settings, variant: str, iteration: int) -> str:
 
 
 def final_policy(settings: Settings, variant: str, iterations: int) -> str:
-    last = variants.final_iteration(variant, iterations)
-    uri = trained_version(settings, variant, last)
+    name, last = variants.final_slice(variant, iterations)
+    uri = trained_version(settings, name, last)
     if uri is None:
-        raise LookupError(f"no policy trained for {variant} iteration {last}")
+        raise LookupError(f"no policy trained for {name} iteration {last}" + (f" (the final policy of {variant})" if name != variant else ""))
     return uri
 
 
