@@ -98,9 +98,8 @@ def prefix_groups(ids: list[list[int]], max_rows: int, min_shared: int = MIN_SHA
     for i, row in enumerate(ids):
         if groups and len(groups[-1][0]) < max_rows:
             members, shared = groups[-1]
-            first = ids[members[0]]
-            n = min(common_prefix(first, row) if len(members) == 1 else common_prefix(first[:shared], row),
-                    len(row) - 1, min(len(ids[j]) for j in members) - 1)
+            # within the group's prefix (a lone first prompt: all but its last token), leaving `row` a token too
+            n = min(common_prefix(ids[members[0]][:shared or -1], row), len(row) - 1)
             if n >= min_shared:
                 groups[-1] = (members + [i], n)
                 continue

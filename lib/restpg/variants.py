@@ -65,11 +65,6 @@ def base_of(name: str) -> str:
     return get(name).base
 
 
-def final_iteration(name: str, iterations: int) -> int:
-    """Iteration of the variant's final policy: 0 for SFT variants, T for EM variants."""
-    return iterations if is_em(name) else 0
-
-
 def final_slice(name: str, iterations: int) -> tuple[str, int]:
     """(variant, iteration) of the training slice whose model is the variant's final policy: (name, T) for an
     EM variant after T ≥ 1 iterations; else its start, (base, 0) (an EM loop of 0 iterations is its SFT start)."""
