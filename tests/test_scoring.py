@@ -77,7 +77,7 @@ def full_forward(model, tokenizer, prompt: str, candidate: str, prefix: int | No
     that a number ends after them), from one plain forward over prompt + candidate."""
     prompt_ids = generation.encode(tokenizer, prompt)
     cand_ids = tokenizer(candidate, add_special_tokens=False).input_ids[:prefix]
-    logprobs = torch.log_softmax(model(torch.tensor([prompt_ids + cand_ids])).logits[0].float(), -1)
+    logprobs = torch.log_softmax(model(torch.tensor([prompt_ids + cand_ids])).logits[0].double(), -1)  # float64: a reference
     said = sum(logprobs[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(cand_ids))
     ends = scoring.number_ends(tokenizer, logprobs.shape[-1])
     return said, torch.logsumexp(logprobs[-1][ends], 0).item()
@@ -88,22 +88,29 @@ VOCAB = ["1", "0", "3", "5", "7", "\n", "<eos>", "."]
 ENDS = torch.tensor([t[0] not in "0123456789" for t in VOCAB])
 
 
+def dist_row(dist: dict) -> torch.Tensor:
+    return torch.tensor([math.log(dist[t]) if dist.get(t) else -1e9 for t in VOCAB])
+
+
 def steps_for(label: list[str], next_token: dict) -> torch.Tensor:
     """[width + 1, vocab] log-probabilities after each prefix of `label`, from {prefix: {token: p}}."""
-    rows = []
-    for j in range(len(label) + 1):
-        dist = next_token[tuple(label[:j])]
-        rows.append(torch.tensor([math.log(dist[t]) if dist.get(t) else -1e9 for t in VOCAB]))
-    return torch.stack(rows)
+    return torch.stack([dist_row(next_token[tuple(label[:j])]) for j in range(len(label) + 1)])
 
 
 def whole_labels(next_token: dict, labels: list[list[str]]) -> dict[str, float]:
-    width = max(map(len, labels))
-    steps = torch.stack([torch.cat([steps_for(lab, next_token), torch.zeros(width - len(lab), len(VOCAB))])
-                         for lab in labels])
-    tokens = torch.tensor([[VOCAB.index(t) for t in lab] + [0] * (width - len(lab)) for lab in labels])
-    out = scoring.label_logprobs(steps, tokens, torch.tensor([len(lab) for lab in labels]), ENDS)
+    """The labels' trie scored on a table: row 0 after the prompt, row 1 + i after trie node i."""
+    tokens, ancestors, paths = scoring.label_tree([[VOCAB.index(t) for t in lab] for lab in labels])
+    prefixes = [tuple(VOCAB[tokens[a]] for a in ancestors[i].nonzero().flatten().tolist()) for i in range(len(tokens))]
+    logits = torch.stack([dist_row(next_token[()])] + [dist_row(next_token[p]) for p in prefixes])[None]
+    out = scoring.tree_logprobs(logits, tokens, paths, ENDS)[0]
     return {"".join(lab): v for lab, v in zip(labels, out.tolist())}
+
+
+def test_label_tree_shares_leading_tokens():
+    tokens, ancestors, paths = scoring.label_tree([[1], [1, 0], [3], [1, 0, 0], [5, 0]])
+    assert tokens == [1, 0, 3, 0, 5, 0] and paths == [[0], [0, 1], [2], [0, 1, 3], [4, 5]]
+    assert ancestors.tolist() == [[i == j or (i, j) in {(1, 0), (3, 0), (3, 1), (5, 4)} for j in range(6)]
+                                  for i in range(6)]
 
 
 LABELS = [["1"], ["3"], ["5"], ["7"], ["1", "0"]]
@@ -203,6 +210,9 @@ def test_shared_prefixes_score_like_prompts_prefilled_whole(ref, request, settin
     assert stats.suffix_passes == 1 and stats.shared_tokens > 20 * (len(prompts_) - 3) and plain.shared_tokens == 0
     for a, b in zip(shared, alone):
         assert list(a) == labels and a == pytest.approx(b, abs=2e-4)
+    # the labels' trie in one row each equals a plain forward over prompt + label
+    for prompt, row in zip(prompts_[:2] + prompts_[-1:], alone[:2] + alone[-1:]):
+        assert row == pytest.approx({c: sum(full_forward(model, tokenizer, prompt, c)) for c in labels}, abs=2e-4)
     # in groups small enough to split an input's prompts, and a lone prompt in a batch of its own
     split, _ = scoring.score_candidates(model, tokenizer, prompts_, labels, max_rows=3 * len(labels))
     for a, b in zip(split, alone):
@@ -255,3 +265,18 @@ def test_gemma_judge_gives_ten_and_tau_one_keeps_it(spark, settings):
                                "example_id string, sample_index int, reward double, format_ok boolean")
     tau = FilterConfig().tau  # the paper's τ
     assert tau == 1.0 and filtering.keep_high_reward(df, tau, 10).count() == 1
+
+
+@pytest.mark.slow
+def test_gemma_labels_after_a_prompt_longer_than_its_sliding_window(settings):
+    """Gemma 3 mixes full and sliding-window layers: the tree mask of each layer type still gives the plain
+    forward's scores when the prompt is longer than the window (left padding from a shorter prompt beside it)."""
+    model, tokenizer = models.cached_causal_lm(GEMMA, settings)
+    window = model.config.sliding_window
+    long = "Rate this review. " + "The kettle boils fast and the handle stays cool. " * (window // 8) + "Score:\n"
+    prompts_ = [long, "Rate this review: great kettle. Score:\n"]
+    assert len(generation.encode(tokenizer, long)) > window + 20
+    labels = [str(s) for s in SCORES]
+    scores, _ = scoring.score_candidates(model, tokenizer, prompts_, labels, share=False)
+    for prompt, row in zip(prompts_, scores):
+        assert row == pytest.approx({c: sum(full_forward(model, tokenizer, prompt, c)) for c in labels}, abs=3e-4)

@@ -8,9 +8,10 @@ for every label, with the same end set. A number ends at any token whose text do
 ASCII digit (a newline, a space, punctuation, end-of-turn or EOS), so the events "the answer is 1"
 and "the answer is 10" are disjoint and comparable.
 
-The prompts are prefilled once; their KV cache is repeated once per candidate and a single forward over
-the right-padded candidate tokens gives, for every candidate, its tokens' log-probabilities and the
-distribution of the token after it.
+The prompts are prefilled once. The candidates' tokens form a trie ("1" is the first node of "10"); its
+nodes are appended to every prompt's row in a single forward with a tree attention mask (each node attends
+to the prompt and to its own ancestors, never to its siblings), which gives, for every candidate, its
+tokens' log-probabilities and the distribution of the token after it without copying the prompt's cache.
 
 Consecutive prompts that share a long token prefix (a judge's m samples of one input share the criteria,
 the request and the expected output; only the response differs) are prefilled in two steps: the shared
@@ -67,18 +68,19 @@ def _number_ends(tokenizer, vocab_size: int) -> torch.Tensor:
     return ends
 
 
-def label_logprobs(steps: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """log p(label's tokens, then an end token) per row.
+def tree_logprobs(logits: torch.Tensor, tokens: list[int], paths: list[list[int]], ends: torch.Tensor) -> torch.Tensor:
+    """[rows, labels] log p(label's tokens, then an end token), from the labels' trie (`label_tree`).
 
-    steps: [rows, width + 1, vocab] log-probabilities of the next token after 0..width label tokens;
-    tokens: [rows, width] label tokens, right-padded; lengths: [rows] label lengths; ends: [vocab] bool."""
-    rows, width = tokens.shape
-    present = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
-    picked = steps[:, :width].gather(2, tokens[..., None]).squeeze(2)
-    said = torch.where(present, picked, torch.zeros_like(picked)).sum(1)
-    after = steps[torch.arange(rows, device=tokens.device), lengths]  # the token after the label's last one
-    ended = torch.logsumexp(after.masked_fill(~ends.to(after.device)[None, :], float("-inf")), dim=-1)
-    return said + ended
+    logits: [rows, 1 + nodes, vocab] next-token logits after the prompt, then after each trie node;
+    tokens: each node's token; paths: each label's nodes; ends: [vocab] bool."""
+    norm = torch.logsumexp(logits, -1)
+    ended = torch.logsumexp(logits.masked_fill(~ends.to(logits.device)[None, None, :], float("-inf")), -1) - norm
+    scores = []
+    for path in paths:
+        before = [0] + [node + 1 for node in path[:-1]]  # the distribution each of the label's tokens is drawn from
+        said = logits[:, before, [tokens[node] for node in path]] - norm[:, before]
+        scores.append(said.sum(1) + ended[:, path[-1] + 1])
+    return torch.stack(scores, dim=1)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -140,25 +142,80 @@ def _prefix_state(model, tokenizer, ids: list[list[int]], groups: list[tuple[lis
                        rows=list(range(len(rows))))
 
 
+def label_tree(cand: list[list[int]]) -> tuple[list[int], torch.Tensor, list[list[int]]]:
+    """The labels' token trie: (token of each node, [nodes, nodes] ancestor-or-self matrix, each label's node
+    path). Labels that share leading tokens share nodes ("1" is the first node of "10")."""
+    index: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    paths: list[list[int]] = []
+    for c in cand:
+        path: list[int] = []
+        for d in range(len(c)):
+            key = tuple(c[: d + 1])
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(c[d])
+                parents.append(path[-1] if path else -1)
+            path.append(index[key])
+        paths.append(path)
+    ancestors = torch.eye(len(tokens), dtype=torch.bool)
+    for i, parent in enumerate(parents):  # a parent is always made before its children
+        if parent >= 0:
+            ancestors[i] |= ancestors[parent]
+    return tokens, ancestors, paths
+
+
+def _tree_masks(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, ancestors: torch.Tensor):
+    """The attention masks, built by the model's own mask functions, for trie nodes appended to a cache: each
+    node sees the cached prompt (less its padding) and its own ancestors, not its siblings. A sliding-window
+    layer measures the window from the node's position (the prompt's end plus its depth), not from its index
+    in the row. One mask per layer type (a dict) for models that mix full and sliding-window layers."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = model.config
+    embeds = torch.empty(*ids.shape, 1, dtype=model.dtype, device=ids.device)  # only its shape, dtype, device are read
+    ancestors = ancestors.to(ids.device)
+    depth = ancestors.sum(1) - 1
+
+    def build(create, layer: int, window: int | None):
+        start = cache.get_query_offset(layer)  # the index of the first node, in this layer's indexing
+
+        def tree(batch, head, q, kv):
+            node, other = (q - start).clamp(min=0), (kv - start).clamp(min=0)
+            seen = kv > start + depth[node] - window if window else kv >= 0
+            return torch.where(kv < start, seen, ancestors[node, other])
+        # or + and: exactly `tree` wherever the layer's own rule (causal, its window) would differ; padding still applies
+        return create(config=config, inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
+                      or_mask_function=tree, and_mask_function=tree, layer_idx=layer)
+
+    types = list(getattr(config, "layer_types", None) or [])
+    if "sliding_attention" not in types:
+        return build(create_causal_mask, types.index("full_attention") if "full_attention" in types else 0, None)
+    masks = {"sliding_attention": build(create_sliding_window_causal_mask, types.index("sliding_attention"),
+                                        config.sliding_window)}
+    if "full_attention" in types:
+        masks["full_attention"] = build(create_causal_mask, types.index("full_attention"), None)
+    return masks
+
+
 @torch.inference_mode()
 def _score_state(model, tokenizer, state: DecodeState, cand: list[list[int]], ends: torch.Tensor,
                  stats: ScoringStats) -> torch.Tensor:
-    """[prompts, candidates] whole-label log-probabilities from the state after each prompt (one row each)."""
-    n, prompts_n = len(cand), len(state.rows)
-    if n > 1:
-        state.cache.batch_repeat_interleave(n)
-        state = DecodeState(state.cache, state.mask.repeat_interleave(n, dim=0), state.positions.repeat_interleave(n),
-                            state.logits.repeat_interleave(n, dim=0))
-    width, pad = max(len(c) for c in cand), tokenizer.pad_token_id or 0
-    tokens = torch.tensor([c + [pad] * (width - len(c)) for c in cand] * prompts_n, device=model.device)
-    lengths = torch.tensor([len(c) for c in cand] * prompts_n, device=model.device)
-    present = (torch.arange(width, device=model.device)[None, :] < lengths[:, None]).long()
-    out = model(input_ids=tokens, attention_mask=torch.cat([state.mask, present], dim=1),
-                position_ids=state.positions[:, None] + torch.arange(width, device=model.device),
-                past_key_values=state.cache, use_cache=True)
+    """[prompts, candidates] whole-label log-probabilities from the state after each prompt (one row each).
+
+    The labels' token trie is appended to each prompt's row in one forward, with a tree attention mask (a node
+    attends to the prompt and its ancestors), so the prompt's cache is used once, not copied per label."""
+    tokens, ancestors, paths = label_tree(cand)
+    device, rows = model.device, len(state.rows)
+    depth = ancestors.sum(1).to(device) - 1
+    ids = torch.tensor([tokens] * rows, device=device)
+    mask = torch.cat([state.mask, torch.ones_like(ids)], dim=1)
+    out = model(input_ids=ids, attention_mask=_tree_masks(model, ids, mask, state.cache, ancestors),
+                position_ids=state.positions[:, None] + depth[None, :], past_key_values=state.cache, use_cache=True)
     stats.candidate_passes += 1
-    steps = torch.log_softmax(torch.cat([state.logits[:, None], out.logits.float()], dim=1), -1)
-    return label_logprobs(steps, tokens, lengths, ends).view(prompts_n, n)
+    logits = torch.cat([state.logits[:, None], out.logits.float()], dim=1)  # after the prompt, after each node
+    return tree_logprobs(logits, tokens, paths, ends)
 
 
 @torch.inference_mode()
