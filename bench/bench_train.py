@@ -73,6 +73,7 @@ def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> d
             "steady_tokens_per_s": round(tokens_per_step / statistics.mean(steady), 1),
             "overall_tokens_per_s": round(result.tokens_per_s, 1), "compilations": result.compilations,
             "compilations_after_warmup": compiled[-1] - compiled[min(2, len(compiled) - 1)],  # steps 3..n
+            "compilations_by_step": [b - a for a, b in zip(compiled, compiled[1:])],
             "first_step_cpu_s": round(cpu_seconds[0], 1), "steady_step_cpu_s": round(statistics.mean(steady_cpu), 2),
             "tokens_per_cpu_s": round(tokens_per_step / statistics.mean(steady_cpu), 1),
             "wall_s": round(wall, 1), "first_loss": round(result.first_loss, 4), "final_loss": round(result.final_loss, 4)}
@@ -104,6 +105,7 @@ def main() -> int:
                "xla_over_eager_steady": round(xla["steady_tokens_per_s"] / cpu["steady_tokens_per_s"], 2),
                "xla_over_eager_per_cpu_s": round(xla["tokens_per_cpu_s"] / cpu["tokens_per_cpu_s"], 2),
                "xla_compilations_after_warmup": xla["compilations_after_warmup"],
+               "xla_compilations_by_step": xla["compilations_by_step"],
                "first_loss_rel_diff": abs(xla["first_loss"] - cpu["first_loss"]) / cpu["first_loss"]}
     print(json.dumps(summary))
     out = Path(__file__).with_name("out")

@@ -12,6 +12,7 @@ bench/results/<name>.json (machine, raw rounds, ratios, and the `rates` that `re
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -131,52 +132,72 @@ def matmul_peak(dtype: torch.dtype, size: int, reps: int) -> float:
 
 
 def bench_sampling(model, bf16_model, tokenizer, args, budget: Budget) -> dict:
-    """Shared-prefill sampler vs generate(num_return_sequences=m) at m = 8, 32; sampler alone at m = 1 and in bf16."""
-    prompt = make_prompt(tokenizer, args.prompt_tokens)
-    shared(model, tokenizer, [prompt], 2, 4)
-    plain(model, tokenizer, prompt, 2, 4)
-    out = {"prompt_tokens": generation.count_tokens(tokenizer, prompt), "new_tokens": args.new_tokens, "rounds": {}}
+    """The E-step's sampler vs the naive loop at m = 8, 32; sampler alone at m = 1 (one row) and in bf16.
+
+    As the E-step batches them: enough prompts to fill one batch of the sampler's rows (`sample`'s max_rows:
+    8 prompts x 8 or 2 x 32), sampled together, against `generate(num_return_sequences=m)` called once per
+    prompt; same prompts, lengths and sampling settings."""
+    rows = inspect.signature(generation.sample).parameters["max_rows"].default
+    base = make_prompt(tokenizer, args.prompt_tokens)
+    shared(model, tokenizer, [base], 2, 4)
+    plain(model, tokenizer, base, 2, 4)
+    out = {"prompt_tokens": generation.count_tokens(tokenizer, base), "new_tokens": args.new_tokens, "rows": rows, "rounds": {}}
     for m in (8, 32):
+        prompts = [f"{base}({i}) " for i in range(max(1, rows // m) if not args.quick else 2)]
+        out.setdefault("prompts", {})[m] = len(prompts)
         rounds = []
-        budget.start(0.25 if m == 8 else 0.45)
+        budget.start(0.3 if m == 8 else 0.45)
         for r in range(args.rounds):
             if not budget.more(r):
                 break
-            t_plain, tok_plain = timed(plain, model, tokenizer, prompt, m, args.new_tokens)
-            t_ours, samples = timed(shared, model, tokenizer, [prompt], m, args.new_tokens, f"r{r}m{m}")
+            t_plain, tok_plain = timed(lambda: sum(plain(model, tokenizer, p, m, args.new_tokens) for p in prompts))
+            t_ours, samples = timed(shared, model, tokenizer, prompts, m, args.new_tokens, f"r{r}m{m}")
             row = {"plain_tps": tok_plain / t_plain, "ours_tps": n_tokens(samples) / t_ours}
             if m == 32 and bf16_model is not None:
-                t_bf16, s16 = timed(shared, bf16_model, tokenizer, [prompt], m, args.new_tokens, f"r{r}m{m}")
+                t_bf16, s16 = timed(shared, bf16_model, tokenizer, prompts, m, args.new_tokens, f"r{r}m{m}")
                 row["bf16_tps"] = n_tokens(s16) / t_bf16
             rounds.append(row)
-            print(f"  sampling m={m} round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+            print(f"  sampling m={m} x {len(prompts)} prompts round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()),
+                  flush=True)
         out["rounds"][m] = rounds
-    single = [n_tokens(s) / t for t, s in (timed(shared, model, tokenizer, [prompt], 1, args.new_tokens, f"one{r}")
+    single = [n_tokens(s) / t for t, s in (timed(shared, model, tokenizer, [base], 1, args.new_tokens, f"one{r}")
                                            for r in range(2))]
     out["m1_tps"] = median_spread(single)
     return out
 
 
 def bench_judging(model, tokenizer, args, budget: Budget) -> dict:
-    """Seconds to judge m outputs (LLM judge, labels 1..10 scored together; the m judge prompts share
-    criteria, request and expected output, computed once) against seconds to sample those m outputs,
-    and against the same judging with every prompt prefilled whole, round by round."""
-    prompt = make_prompt(tokenizer, args.prompt_tokens)
+    """Seconds to judge the outputs of an E-step batch (as in bench_sampling: `sample`'s max_rows rows, m per
+    prompt; LLM judge, the labels scored together, each input's m judge prompts sharing criteria, request and
+    expected output, computed once) against seconds to sample them; and, on one input's m outputs, the same
+    judging against every prompt prefilled whole, round by round."""
+    rows = inspect.signature(generation.sample).parameters["max_rows"].default
+    m = args.judge_m
+    base = make_prompt(tokenizer, args.prompt_tokens)
+    inputs = [(f"{base}({i}) ", f"Write a review of a toaster in my style ({i}).") for i in range(max(1, rows // m))]
+    if args.quick:
+        inputs = inputs[:2]
     template = rewards.judge_template((1, 3, 5, 7, 10))
     rounds = []
     for r in range(args.rounds):
         if not budget.more(r):
             break
-        t_sample, samples = timed(shared, model, tokenizer, [prompt], args.judge_m, args.new_tokens, f"judge{r}")
-        texts = [rewards.fit_judge_prompt(tokenizer, template, "Write a review of a toaster in my style.", PROFILE, s.text, 4096)
-                 for s in samples[0]]
+        t_sample, samples = timed(shared, model, tokenizer, [p for p, _ in inputs], m, args.new_tokens, f"judge{r}")
+        texts = [rewards.fit_judge_prompt(tokenizer, template, request, PROFILE, s.text, 4096)
+                 for (_, request), row in zip(inputs, samples) for s in row]
         t_judge, judged = timed(rewards.judge_with, model, tokenizer, texts, template.scores)
-        t_whole, _ = timed(scoring.score_candidates, model, tokenizer, texts, template.labels, share=False)
-        rounds.append({"sample_s": t_sample, "judge_s": t_judge, "judge_whole_s": t_whole, "outputs": len(judged),
-                       "judge_prompt_tokens": statistics.mean(generation.count_tokens(tokenizer, t) for t in texts)})
-        print(f"  judging round {r + 1}: sample {t_sample:.1f}s, judge {t_judge:.1f}s (prompts whole: {t_whole:.1f}s) "
-              f"for {len(judged)} outputs", flush=True)
-    return {"rounds": rounds}
+        t_one, _ = timed(rewards.judge_with, model, tokenizer, texts[:m], template.scores)
+        t_whole, _ = timed(scoring.score_candidates, model, tokenizer, texts[:m], template.labels, share=False)
+        ids = [generation.encode(tokenizer, t) for t in texts]
+        per_group = inspect.signature(scoring.score_candidates).parameters["max_rows"].default // len(template.labels)
+        groups = scoring.prefix_groups(ids, max(1, per_group))  # as judge_with groups them: each prefix computed once
+        computed = sum(len(ids[i]) - head for members, head in groups for i in members) + sum(head for _, head in groups)
+        rounds.append({"sample_s": t_sample, "judge_s": t_judge, "outputs": len(judged), "one_input_s": t_one,
+                       "judge_whole_s": t_whole, "judge_prompt_tokens": statistics.mean(len(i) for i in ids),
+                       "judge_tokens_per_output": computed / len(ids), "sampled_tokens_per_output": n_tokens(samples) / len(ids)})
+        print(f"  judging round {r + 1}: sample {t_sample:.1f}s, judge {t_judge:.1f}s for {len(judged)} outputs of "
+              f"{len(inputs)} inputs; one input's {m}: {t_one:.1f}s shared, {t_whole:.1f}s prompts whole", flush=True)
+    return {"rounds": rounds, "inputs": len(inputs), "m": m}
 
 
 def bench_training(args, budget: Budget, bf16_slow: bool) -> dict:
@@ -230,9 +251,9 @@ def retrieval_texts(n: int) -> list[str]:
 
 
 def spark_child(master: str, args) -> dict:
-    """In a Spark session of `master`: E-step wall time through generate_df; on local[1] also the
-    overhead of the same batch through mapInPandas vs in-process; on local[2] retrieval through Spark
-    vs in-process encode."""
+    """In a Spark session of `master` (torch threads per task: `--threads`, 0 for restpg's default): E-step
+    wall time through generate_df; on local[1] with the default threads also the overhead of the same batch
+    through mapInPandas vs in-process; on local[2] retrieval through Spark vs in-process encode."""
     import pandas as pd
 
     from restpg.embedding import embed_column, embed_with
@@ -240,7 +261,8 @@ def spark_child(master: str, args) -> dict:
 
     home = tempfile.mkdtemp(prefix="restpg-bench-")
     cores = int(master[6:-1])
-    settings = load_settings("local", [f"spark.master={master}", f"spark.shuffle_partitions={cores}"], home=home)
+    settings = load_settings("local", [f"spark.master={master}", f"spark.shuffle_partitions={cores}",
+                                       f"spark.torch_threads={args.threads}"], home=home)
     spark = get_spark(settings)
     model, tokenizer = models.load_causal_lm(POLICY, settings)
     prompt = make_prompt(tokenizer, args.prompt_tokens)
@@ -258,7 +280,9 @@ def spark_child(master: str, args) -> dict:
     budget = Budget(args.budget_s - (time.time() - args.child_started))
     budget.start(1.0)
     out["estep"] = [{"seconds": t, "tokens": n} for t, n in estep]
-    if cores == 1:
+    if cores == 1 and args.threads:
+        pass  # the scaling measure's one-core reference: E-step wall time only
+    elif cores == 1:
         torch.set_num_threads(out["worker_threads"])  # the driver computes with what a worker gets
         rounds = []
         for r in range(args.spark_rounds):
@@ -330,7 +354,8 @@ def table(rows: list[dict]) -> str:
         goal = "" if r["goal"] is None else ("≥" if r["goal_higher"] else "≤") + f"{r['goal']:g}"
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
         spread = f"{r['min']:.2f}–{r['max']:.2f}"
-        lines.append(f"{r['measure']:<44}{r['reference']:<34}{r['median']:>8.2f}{r['unit']}{spread:>16}{goal:>9}  {met}")
+        note = f"  ({r['note']})" if r.get("note") else ""
+        lines.append(f"{r['measure']:<44}{r['reference']:<34}{r['median']:>8.2f}{r['unit']}{spread:>16}{goal:>9}  {met}{note}")
     return "\n".join(lines)
 
 
@@ -340,11 +365,15 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
     limit_bf16 = peak["bf16_gflops"] * 1e9 / (2 * res["params"])
     for m in (8, 32):
         rounds = s["rounds"][m]
-        rows.append(ratio_row(f"E-step sampling m={m} tokens/s", [r["ours_tps"] / r["plain_tps"] for r in rounds], "x", 3.0,
-                              "generate(num_return_sequences=m)"))
+        n = s.get("prompts", {}).get(m, s.get("prompts", {}).get(str(m), 1))
+        rows.append(ratio_row(f"E-step sampling m={m} x {n} prompts tokens/s", [r["ours_tps"] / r["plain_tps"] for r in rounds],
+                              "x", 3.0, "generate(m samples), once per prompt"))
     m32 = s["rounds"][32]
     rows.append(ratio_row("E-step sampling m=32, share of fp32 limit", [r["ours_tps"] / limit_fp32 for r in m32], " ", 0.5,
                           f"matmul peak: {limit_fp32:.0f} tok/s"))
+    weights_mb = res["params"] * 4 / 1e6  # float32: every decode step reads every weight once, however few rows
+    rows[-1]["note"] = (f"a decode step reads all {weights_mb:.0f} MB of weights: one row makes "
+                        f"{s['m1_tps']['median']:.0f} tok/s, so few rows per step are bound by memory, not by matmul")
     if "bf16_tps" in m32[0]:
         rows.append(ratio_row("E-step sampling m=32 bf16, share of bf16 limit", [r["bf16_tps"] / limit_bf16 for r in m32], " ",
                               0.5, f"matmul peak: {limit_bf16:.0f} tok/s"))
@@ -355,9 +384,16 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
                      "why": f"skipped: bf16 matmul {peak['bf16_gflops']:.0f} vs fp32 {peak['fp32_gflops']:.0f} GFLOP/s (no bf16 units)"})
     j = res["judging"]["rounds"]
     rows.append(ratio_row("judging cost per output", [r["judge_s"] / r["sample_s"] for r in j], " ", 0.25,
-                          "sampling that output (m outputs)", higher=False))
-    if "judge_whole_s" in j[0]:
-        rows.append(ratio_row("judging, shared prompt prefix", [r["judge_whole_s"] / r["judge_s"] for r in j], "x", None,
+                          "sampling that output (E-step batch)", higher=False))
+    if "judge_tokens_per_output" in j[0]:
+        read = statistics.median(r["judge_tokens_per_output"] for r in j)
+        written = statistics.median(r["sampled_tokens_per_output"] for r in j)
+        prefill = statistics.median(r["judge_tokens_per_output"] * r["outputs"] / r["judge_s"] for r in j)
+        decode = statistics.median(r["sampled_tokens_per_output"] * r["outputs"] / r["sample_s"] for r in j)
+        rows[-1]["note"] = (f"the judge reads {read:.0f} new prompt tokens per output at {prefill:.0f} tok/s; sampling wrote "
+                            f"{written:.0f} at {decode:.0f} tok/s; the share is (read / prefill rate) / (written / decode rate)")
+    if "one_input_s" in j[0]:
+        rows.append(ratio_row("judging, shared prompt prefix", [r["judge_whole_s"] / r["one_input_s"] for r in j], "x", None,
                               "each judge prompt prefilled whole"))
     t = res["training"]
     train_limit = peak["fp32_gflops"] * 1e9 / (6 * res["params"])
@@ -371,6 +407,8 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
                               "eager float32 (bench_train.py)"))
         rows.append(ratio_row("XLA compilations after warm-up", [xla["xla_compilations_after_warmup"]], " ", 0,
                               "steps 3.. (bench_train.py)", higher=False))
+        if "xla_compilations_by_step" in xla:
+            rows[-1]["note"] = "graphs compiled at steps 1.. : " + ", ".join(map(str, xla["xla_compilations_by_step"]))
     else:
         rows.append({"measure": "training XLA tokens/s", "reference": "eager float32", "median": None,
                      "why": res.get("xla_why", "torch_xla not installed")})
@@ -379,6 +417,9 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
     if one and one.get("overhead"):
         rows.append(ratio_row("Spark overhead (mapInPandas / in-process)", [r["spark_s"] / r["local_s"] - 1 for r in one["overhead"]],
                               " ", 0.10, "same batch, same threads, in-process", higher=False))
+        extra = statistics.median(r["spark_s"] - r["local_s"] for r in one["overhead"])
+        batch = statistics.median(r["local_s"] for r in one["overhead"])
+        rows[-1]["note"] = f"{extra:.1f}s more per job on a {batch:.1f}s batch: a fixed cost per Spark job, less of a longer one"
     else:
         rows.append({"measure": "Spark overhead", "reference": "in-process", "median": None, "why": late})
     if two and two.get("retrieval", {}).get("rounds"):
@@ -386,12 +427,22 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
                               "x", 0.8, "sentence-transformers encode"))
     else:
         rows.append({"measure": "retrieval texts/s through Spark", "reference": "encode", "median": None, "why": late})
-    if one and two:
-        pairs = zip(one["estep"], two["estep"])
+    single = res.get("spark_local1_1thread")
+    if single and two:  # Spark's scaling: one task slot on one core against two slots on two cores, one thread each
+        pairs = zip(single["estep"], two["estep"])
         rows.append(ratio_row("E-step scaling local[2] / local[1]", [a["seconds"] / b["seconds"] for a, b in pairs], "x", 1.7,
-                              f"local[1] ({one['worker_threads']} thr) vs [2] ({two['worker_threads']} thr)"))
+                              f"local[1] ({single['worker_threads']} thr) vs [2] ({two['worker_threads']} thr)"))
+        seconds = {name: statistics.median(r["seconds"] for r in run["estep"]) for name, run in
+                   (("1x1", single), ("2x1", two), ("1x2", one)) if run}
+        rows[-1]["note"] = ("E-step " + ", ".join(f"{v:.1f}s on {k[0]} worker(s) x {k[2]} thread(s)" for k, v in seconds.items())
+                            + ": a second core adds little however it is used, so decoding is bound by what the cores"
+                              " share (memory bandwidth: every decode step reads all the weights), not by cores")
     else:
         rows.append({"measure": "E-step scaling local[2] / local[1]", "reference": "local[1]", "median": None, "why": late})
+    if one and two:  # the same 2 cores split as 1 worker x 2 threads or 2 workers x 1 thread (>1: two workers win)
+        pairs = zip(one["estep"], two["estep"])
+        rows.append(ratio_row("E-step, 2 workers x 1 thread", [a["seconds"] / b["seconds"] for a, b in pairs], "x", None,
+                              f"1 worker x {one['worker_threads']} threads"))
     rates = {"generate_tokens_per_s": s["m1_tps"]["median"],
              "sample_tokens_per_s": statistics.median(r["ours_tps"] for r in m32),
              "judge_outputs_per_s": statistics.median(r["outputs"] / r["judge_s"] for r in j),
@@ -408,6 +459,7 @@ def main() -> int:
     parser.add_argument("--spark-rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench runs, numbers mean little")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--no-xla", action="store_true", help="skip the torch-xla training child")
     parser.add_argument("--budget-s", type=float, default=780, help="wall-clock budget; sections drop rounds to fit")
     args = parser.parse_args()
@@ -456,11 +508,14 @@ def main() -> int:
     budget_in.start(1.0)
     res["training"] = bench_training(args, budget_in, bf16_slow)
     save()
-    for i, master in enumerate(("local[1]", "local[2]")):
-        share = max(60.0, budget.left() * (0.4 if i == 0 else 0.6))
-        print(f"Spark {master} ({share:.0f}s) ...", flush=True)
-        child = ["bench/run_bench.py", "--spark-rounds", str(args.spark_rounds), "--budget-s", str(share), "--child", master]
-        res[f"spark_local{master[6]}"] = run_child(child + (["--quick"] if args.quick else []), int(share + 90))
+    # local[1] with its default threads (all cores) and with one, then local[2] (one thread per task)
+    for i, (master, threads, key) in enumerate((("local[1]", 0, "spark_local1"), ("local[1]", 1, "spark_local1_1thread"),
+                                                ("local[2]", 0, "spark_local2"))):
+        share = max(60.0, budget.left() * (0.3, 0.25, 0.5)[i])
+        print(f"Spark {master}{f', {threads} thread' if threads else ''} ({share:.0f}s) ...", flush=True)
+        child = ["bench/run_bench.py", "--spark-rounds", str(args.spark_rounds), "--budget-s", str(share), "--child", master,
+                 "--threads", str(threads)]
+        res[key] = run_child(child + (["--quick"] if args.quick else []), int(share + 90))
         save()
     if res["machine"]["torch_xla"] and not args.no_xla and budget.left() > 60:
         print("torch-xla training ...", flush=True)

@@ -33,3 +33,15 @@ def test_a_spark_task_gets_its_share_and_the_driver_keeps_its_threads(spark, set
     assert seen == {env["torch_threads"]}
     models.worker_settings(env)  # outside a task: nothing changes
     assert torch.get_num_threads() == driver_threads
+
+
+@pytest.mark.parametrize("master, setting, threads", [("local[1]", 0, 2), ("local[1]", 1, 1), ("local[2]", 0, 1),
+                                                      ("spark://host:7077", 4, 4)])
+def test_the_torch_threads_setting_overrides_the_cores_share(master, setting, threads, monkeypatch):
+    """`spark.torch_threads` (0: the share of the cores) is what each task gets, e.g. for the bench's
+    one-core reference or a cluster whose executors should not use torch's default."""
+    from restpg.config import load_settings
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    settings = load_settings("local", [f"spark.master={master}", f"spark.torch_threads={setting}"])
+    assert models.worker_env(settings)["torch_threads"] == threads

@@ -28,6 +28,7 @@ class SparkConfig:
     shuffle_partitions: int = _f(4, "spark.sql.shuffle.partitions (few locally)")
     driver_memory: str = _f("6g", "driver memory for local Spark")
     arrow_batch_rows: int = _f(64, "rows per Arrow batch fed to a pandas UDF (model inference batch)")
+    torch_threads: int = _f(0, "torch threads of each Spark task; 0: the cores shared among a local master's task slots")
     log_level: str = _f("ERROR", "Spark log level")
 
 

@@ -284,7 +284,7 @@ def worker_env(settings: Settings) -> dict:
     tracking, registry = _mlflow_uris(settings)
     return {"home": str(settings.home_dir), "dtype": settings.models.dtype, "device": settings.models.device,
             "cache_dir": str(cache_dir(settings)), "tracking_uri": tracking, "registry_uri": registry,
-            "torch_threads": worker_threads(settings.spark.master)}
+            "torch_threads": settings.spark.torch_threads or worker_threads(settings.spark.master)}
 
 
 def worker_settings(env: dict) -> Settings:

@@ -230,9 +230,10 @@ def _score_group(model, tokenizer, prompts: list[str], cand: list[list[int]], en
 def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str], max_rows: int = 64,
                      ends: torch.Tensor | None = None, share: bool = True) -> tuple[list[dict[str, float]], ScoringStats]:
     """{candidate: log p(candidate as a whole answer | prompt)} per prompt; one prefill per group of
-    max_rows // len(candidates) prompts. `ends` (default `number_ends`) is the set of tokens that end a
-    candidate, the same for every candidate. With `share`, consecutive prompts with a common token prefix
-    of at least MIN_SHARED tokens compute it once (`prefix_groups`)."""
+    max_rows // len(candidates) prompts (the logits kept per prompt grow with the candidates). `ends`
+    (default `number_ends`) is the set of tokens that end a candidate, the same for every candidate. With
+    `share`, consecutive prompts with a common token prefix of at least MIN_SHARED tokens compute it once
+    (`prefix_groups`)."""
     stats = ScoringStats(prompts=len(prompts))
     cand = candidate_ids(tokenizer, candidates)
     if ends is None:
