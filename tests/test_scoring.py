@@ -280,3 +280,13 @@ def test_gemma_labels_after_a_prompt_longer_than_its_sliding_window(settings):
     scores, _ = scoring.score_candidates(model, tokenizer, prompts_, labels, share=False)
     for prompt, row in zip(prompts_, scores):
         assert row == pytest.approx({c: sum(full_forward(model, tokenizer, prompt, c)) for c in labels}, abs=3e-4)
+
+
+def test_an_attention_that_ignores_masks_is_refused(lm):
+    """A flash-attention kernel would let the labels see each other: refused with a clear error, not scored."""
+    from types import SimpleNamespace
+
+    _, tokenizer = lm
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        scoring.score_candidates(flash, tokenizer, PROMPTS[:1], CANDIDATES)

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from restpg.generation import DecodeState, encode, prefill
 
 DIGITS = frozenset("0123456789")
+TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that apply the labels' tree mask
 MIN_SHARED = 16  # prompts share a prefill when their token ids agree on at least this many leading tokens
 _ends_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → {vocab_size: mask}
 
@@ -234,6 +235,9 @@ def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str]
     (default `number_ends`) is the set of tokens that end a candidate, the same for every candidate. With
     `share`, consecutive prompts with a common token prefix of at least MIN_SHARED tokens compute it once
     (`prefix_groups`)."""
+    attention = model.config._attn_implementation
+    if attention not in TREE_ATTENTION:  # flash-attention kernels take no arbitrary mask: the labels would see each other
+        raise ValueError(f"scoring labels needs an attention that applies a mask ({', '.join(TREE_ATTENTION)}), not {attention!r}")
     stats = ScoringStats(prompts=len(prompts))
     cand = candidate_ids(tokenizer, candidates)
     if ends is None:
