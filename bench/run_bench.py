@@ -36,6 +36,7 @@ from restpg.config import load_settings  # noqa: E402
 HERE = Path(__file__).resolve().parent
 POLICY, RETRIEVER = "packaged:smollm2-135m-instruct", "packaged:all-minilm-l6-v2"
 SAMPLING = {"temperature": 0.7, "top_p": 0.95}
+E_STEP_ROWS = inspect.signature(generation.sample).parameters["max_rows"].default  # rows the E-step decodes together
 PROFILE = ("I bought this kettle for my office. It boils fast, the handle stays cool, and the lid opens "
            "with one hand. The blue light is a bit bright at night. ")
 
@@ -137,7 +138,7 @@ def bench_sampling(model, bf16_model, tokenizer, args, budget: Budget) -> dict:
     As the E-step batches them: enough prompts to fill one batch of the sampler's rows (`sample`'s max_rows:
     8 prompts x 8 or 2 x 32), sampled together, against `generate(num_return_sequences=m)` called once per
     prompt; same prompts, lengths and sampling settings."""
-    rows = inspect.signature(generation.sample).parameters["max_rows"].default
+    rows = E_STEP_ROWS
     base = make_prompt(tokenizer, args.prompt_tokens)
     shared(model, tokenizer, [base], 2, 4)
     plain(model, tokenizer, base, 2, 4)
@@ -171,7 +172,7 @@ def bench_judging(model, tokenizer, args, budget: Budget) -> dict:
     prompt; LLM judge, the labels scored together, each input's m judge prompts sharing criteria, request and
     expected output, computed once) against seconds to sample them; and, on one input's m outputs, the same
     judging against every prompt prefilled whole, round by round."""
-    rows = inspect.signature(generation.sample).parameters["max_rows"].default
+    rows = E_STEP_ROWS
     m = args.judge_m
     base = make_prompt(tokenizer, args.prompt_tokens)
     inputs = [(f"{base}({i}) ", f"Write a review of a toaster in my style ({i}).") for i in range(max(1, rows // m))]

@@ -167,7 +167,8 @@ def label_tree(cand: list[list[int]]) -> tuple[list[int], torch.Tensor, list[lis
     return tokens, ancestors, paths
 
 
-def _tree_masks(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, ancestors: torch.Tensor):
+def _tree_masks(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, ancestors: torch.Tensor,
+                depth: torch.Tensor):
     """The attention masks, built by the model's own mask functions, for trie nodes appended to a cache: each
     node sees the cached prompt (less its padding) and its own ancestors, not its siblings. A sliding-window
     layer measures the window from the node's position (the prompt's end plus its depth), not from its index
@@ -177,7 +178,6 @@ def _tree_masks(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCach
     config = model.config
     embeds = torch.empty(*ids.shape, 1, dtype=model.dtype, device=ids.device)  # only its shape, dtype, device are read
     ancestors = ancestors.to(ids.device)
-    depth = ancestors.sum(1) - 1
 
     def build(create, layer: int, window: int | None):
         start = cache.get_query_offset(layer)  # the index of the first node, in this layer's indexing
@@ -201,7 +201,7 @@ def _tree_masks(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCach
 
 
 @torch.inference_mode()
-def _score_state(model, tokenizer, state: DecodeState, cand: list[list[int]], ends: torch.Tensor,
+def _score_state(model, state: DecodeState, cand: list[list[int]], ends: torch.Tensor,
                  stats: ScoringStats) -> torch.Tensor:
     """[prompts, candidates] whole-label log-probabilities from the state after each prompt (one row each).
 
@@ -212,7 +212,7 @@ def _score_state(model, tokenizer, state: DecodeState, cand: list[list[int]], en
     depth = ancestors.sum(1).to(device) - 1
     ids = torch.tensor([tokens] * rows, device=device)
     mask = torch.cat([state.mask, torch.ones_like(ids)], dim=1)
-    out = model(input_ids=ids, attention_mask=_tree_masks(model, ids, mask, state.cache, ancestors),
+    out = model(input_ids=ids, attention_mask=_tree_masks(model, ids, mask, state.cache, ancestors, depth),
                 position_ids=state.positions[:, None] + depth[None, :], past_key_values=state.cache, use_cache=True)
     stats.candidate_passes += 1
     logits = torch.cat([state.logits[:, None], out.logits.float()], dim=1)  # after the prompt, after each node
@@ -225,7 +225,7 @@ def _score_group(model, tokenizer, prompts: list[str], cand: list[list[int]], en
     """[prompts, candidates] whole-label log-probabilities, the prompts prefilled whole."""
     state = prefill(model, tokenizer, prompts, 1)
     stats.prefill_passes += 1
-    return _score_state(model, tokenizer, state, cand, ends, stats)
+    return _score_state(model, state, cand, ends, stats)
 
 
 def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str], max_rows: int = 64,
@@ -256,7 +256,7 @@ def score_candidates(model, tokenizer, prompts: list[str], candidates: list[str]
         if all(len(members) == 1 for members, _ in batch) or any(len(ids[members[0]]) < 2 for members, _ in batch):
             table = _score_group(model, tokenizer, [prompts[members[0]] for members, _ in batch], cand, ends, stats)
         else:
-            table = _score_state(model, tokenizer, _prefix_state(model, tokenizer, ids, batch, stats), cand, ends, stats)
+            table = _score_state(model, _prefix_state(model, tokenizer, ids, batch, stats), cand, ends, stats)
         scores += [dict(zip(candidates, row)) for row in table.tolist()]
         batch = []
     return scores, stats
