@@ -45,11 +45,15 @@ def fixed_batches(vocab: int, n: int, length: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def bench(device: str, base_dir: Path, steps: int, batch: int, length: int) -> dict:
+def bench(device: str, base_dir: Path, steps: int, batch: int, length: int, profile: TrainConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = TrainConfig(device=device, optimizer="adamw", lr=1e-5, warmup_steps=0, batch_size=batch, micro_batch_size=batch,
+    # the profile's schedule: at lr·weight_decay < 2**-25 AdamW's decay factor 1 - lr·wd rounds to exactly 1.0 in
+    # float32, and torch_xla traces a graph without that scalar (one more compilation at that step); a bench
+    # that decays to 1e-8 measures that, not the pipeline's steady state
+    cfg = TrainConfig(device=device, optimizer="adamw", lr=profile.lr, weight_decay=profile.weight_decay,
+                      lr_final_ratio=profile.lr_final_ratio, warmup_steps=0, batch_size=batch, micro_batch_size=batch,
                       steps=steps, length_buckets=[length], eval_every=10 ** 9, checkpoint_every=0, log_every=1)
     data = fixed_batches(model.config.vocab_size, batch * steps, length)
     # CPU seconds per step (all threads of this process, XLA's included) do not depend on what else
@@ -96,7 +100,7 @@ def main() -> int:
     base_dir = models.checkpoint_dir(POLICY, settings)
     print(f"checkpoint {base_dir} ready in {time.time() - started:.0f}s", file=sys.stderr)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    rows = [bench(device, base_dir, args.steps, args.batch, args.length) for device in ("cpu", "xla")]
+    rows = [bench(device, base_dir, args.steps, args.batch, args.length, settings.train) for device in ("cpu", "xla")]
     for row in rows:
         print(json.dumps(row))
     cpu, xla = rows

@@ -357,6 +357,25 @@ def test_xla_matches_eager(tokenizer):
         assert q.device.type == "cpu" and torch.allclose(p, q, atol=1e-4)
 
 
+def test_inert_weight_decay_step_is_where_xla_compiles_once_more(tokenizer):
+    # 1 - lr·wd is exactly 1.0 in float32 once lr·wd < 2**-25; torch_xla traces that step's optimizer graph
+    # without the scalar, so one more graph is compiled there and none at any other step after warm-up
+    decaying = small_cfg(device="xla", lr=1e-5, weight_decay=0.01, warmup_steps=0, steps=6, batch_size=2,
+                         micro_batch_size=2, length_buckets=[32], eval_every=10 ** 9, log_every=1, grad_clip=0.0)
+    assert objective.inert_decay_step(decaying, 6) == 5  # lr 2.8e-6 at step 5: 2.8e-8 < 2.98e-8
+    assert objective.inert_decay_step(dataclasses.replace(decaying, lr=1e-4), 6) is None
+    assert objective.inert_decay_step(dataclasses.replace(decaying, weight_decay=0.0), 6) is None
+    from restpg.training.devices import xla_compilations
+
+    for cfg in (decaying, dataclasses.replace(decaying, lr=1e-4)):
+        compiled = [xla_compilations()]
+        trainer.fit(make_model(tokenizer), featurize(tokenizer, 12), cfg, pad_id=0,
+                    log_metrics=lambda m, step: compiled.append(xla_compilations()))
+        by_step = [b - a for a, b in zip(compiled, compiled[1:])]
+        extra = objective.inert_decay_step(cfg, cfg.steps)
+        assert [step for step, n in enumerate(by_step[2:], start=3) if n] == ([extra] if extra else []), by_step
+
+
 def test_lora_trains_adapters_only_and_merges(tokenizer, tmp_path):
     make_model(tokenizer).save_pretrained(tmp_path)
     cfg = small_cfg(lora_rank=4, lr=1e-2, steps=4)

@@ -44,6 +44,19 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (1.0 - (1.0 - cfg.lr_final_ratio) * progress)
 
 
+def inert_decay_step(cfg: TrainConfig, total_steps: int) -> int | None:
+    """First 1-based step whose AdamW decay factor 1 - lr·weight_decay is exactly 1.0 in float32 (lr·wd
+    below 2**-25), or None. torch_xla traces a different graph for a factor of 1.0 than for any other
+    value (one fewer graph input), so a schedule that decays that far costs one more compilation there."""
+    if cfg.optimizer != "adamw" or cfg.weight_decay <= 0:
+        return None
+    for step in range(total_steps):
+        factor = torch.tensor(1.0 - lr_at(step, cfg, total_steps) * cfg.weight_decay, dtype=torch.float32)
+        if factor.item() == 1.0:
+            return step + 1
+    return None
+
+
 def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on matrices only (not norms or biases), as in nanoGPT."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -25,7 +25,7 @@ from restpg.tracking import say
 from restpg.training.checkpoints import ResumeStore
 from restpg.training.data import DataOrder, collate
 from restpg.training.devices import pick_device, sync, xla_compilations
-from restpg.training.objective import lr_at, make_optimizer, weighted_nll, weighted_tokens
+from restpg.training.objective import inert_decay_step, lr_at, make_optimizer, weighted_nll, weighted_tokens
 
 Select = Callable[[torch.nn.Module], float]  # model (eval mode) -> mean reward of its outputs
 
@@ -120,6 +120,10 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
     micro = max(1, min(cfg.micro_batch_size, cfg.batch_size))
     accum = max(1, cfg.batch_size // micro)
     compiled_before = xla_compilations() if kind == "xla" else 0
+    inert = inert_decay_step(cfg, total_steps) if kind == "xla" else None
+    if inert is not None and rank == 0:
+        say(f"train: from step {inert} lr x weight_decay < 2**-25, so AdamW's decay factor is 1.0 in float32 and "
+            f"XLA compiles one more graph there (raise train.lr_final_ratio or train.lr to avoid it)")
     log_metrics = log_metrics or (lambda metrics, step: None)
 
     start, curve = 0, []
