@@ -312,7 +312,13 @@ def spark_child(master: str, args) -> dict:
             rounds.append({"spark_tps": len(texts) / t_spark, "local_tps": len(texts) / t_local})
             print(f"  retrieval round {r + 1}: spark {len(texts) / t_spark:.0f} texts/s, in-process {len(texts) / t_local:.0f}",
                   file=sys.stderr, flush=True)
-        out["retrieval"] = {"texts": len(texts), "rounds": rounds, "local_threads": torch.get_num_threads()}
+        # what one worker's single thread encodes: two such workers are what Spark can reach on local[2]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(out["worker_threads"])
+        t_one, _ = timed(embed_with, embedder, texts, settings.retrieve.batch_size)
+        torch.set_num_threads(threads)
+        out["retrieval"] = {"texts": len(texts), "rounds": rounds, "local_threads": threads,
+                            "worker_thread_tps": len(texts) / t_one}
     spark.stop()
     return out
 
@@ -426,6 +432,15 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
     if two and two.get("retrieval", {}).get("rounds"):
         rows.append(ratio_row("retrieval texts/s through Spark", [r["spark_tps"] / r["local_tps"] for r in two["retrieval"]["rounds"]],
                               "x", 0.8, "sentence-transformers encode"))
+        ret = two["retrieval"]
+        if "worker_thread_tps" in ret:  # Spark against what its workers could do at most, and that against encode
+            spark_tps = statistics.median(r["spark_tps"] for r in ret["rounds"])
+            local_tps = statistics.median(r["local_tps"] for r in ret["rounds"])
+            workers = int(two["master"][6:-1])
+            ceiling = workers * ret["worker_thread_tps"]
+            rows[-1]["note"] = (f"{spark_tps:.0f} texts/s through Spark = {spark_tps / ceiling:.0%} of its {workers} workers' "
+                                f"ceiling ({ret['worker_thread_tps']:.0f} each on {two['worker_threads']} thread(s)); encode with "
+                                f"{ret['local_threads']} threads in one process makes {local_tps:.0f}")
     else:
         rows.append({"measure": "retrieval texts/s through Spark", "reference": "encode", "median": None, "why": late})
     single = res.get("spark_local1_1thread")
