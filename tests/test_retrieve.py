@@ -127,3 +127,36 @@ def test_embedding_spreads_over_every_core_and_reports_progress(spark, fresh_set
     assert {len(r.vec) for r in out.collect()} == {384}
     err = capsys.readouterr().err
     assert "test embed [" in err and "12/12 (100%)" in err
+
+
+def test_pooled_batches_keep_order_and_sizes():
+    import pandas as pd
+
+    from restpg.embedding import pooled
+
+    batches = [pd.Series(range(start, start + n)) for start, n in ((0, 8), (8, 8), (16, 8), (24, 3))]
+    pools = list(pooled(iter(batches), 12))
+    assert [[len(b) for b in pool] for pool in pools] == [[8, 8], [8, 3]]
+    assert pd.concat([b for pool in pools for b in pool]).tolist() == list(range(27))
+    assert [[len(b) for b in pool] for pool in pooled(iter(batches), 100)] == [[8, 8, 8, 3]]
+    assert list(pooled(iter([]), 4)) == []
+
+
+def test_pooled_encoding_gives_each_row_its_own_vector(spark, fresh_settings, monkeypatch):
+    """Several Arrow batches encoded in one call come back to their own rows, in order."""
+    from restpg import embedding, models
+
+    monkeypatch.setattr(embedding, "POOL_TEXTS", 12)  # pools of two 8-row batches, and a short last one
+    previous = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "8")
+    try:
+        texts = [f"review {i}: the {('kettle', 'lamp', 'tent', 'drill')[i % 4]} is {'good ' * (i % 5)}fine" for i in range(40)]
+        df = spark.createDataFrame([(i, t) for i, t in enumerate(texts)], "i int, text string").coalesce(1)
+        got = {r.i: np.array(r.vec) for r in embedding.embed_column(df, "text", "vec", fresh_settings).collect()}
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
+    alone = embedding.embed_with(models.load_embedder(fresh_settings.models.retriever, fresh_settings), texts)
+    assert sorted(got) == list(range(40))
+    for i in range(40):
+        assert np.allclose(got[i], alone[i], atol=1e-4), i
+        assert not np.allclose(got[i], alone[(i + 1) % 40], atol=1e-2)

@@ -35,6 +35,23 @@ def spread(df, workers: int):
 
 
 PROGRESS_STEPS = 4
+# texts encoded per call in a worker: encode sorts its input by length before batching, so one call over
+# many Arrow batches pads less than one call per batch (400 texts on one thread: 44 texts/s at once, 37
+# in calls of 32)
+POOL_TEXTS = 1024
+
+
+def pooled(batches: Iterator[pd.Series], size: int) -> Iterator[list[pd.Series]]:
+    """Consecutive batches, pooled until a pool holds at least `size` rows (the last one may hold fewer)."""
+    pool, rows = [], 0
+    for batch in batches:
+        pool.append(batch)
+        rows += len(batch)
+        if rows >= size:
+            yield pool
+            pool, rows = [], 0
+    if pool:
+        yield pool
 
 
 def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str | None = None, counter=None):
@@ -47,14 +64,18 @@ def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str |
     from restpg import models
 
     ref, env, bs = ref or settings.models.retriever, models.worker_env(settings), settings.retrieve.batch_size
+    pool_texts = POOL_TEXTS
 
     @pandas_udf("array<float>")
     def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        for texts in batches:
-            vecs = embed_texts(texts.fillna("").tolist(), ref, env, bs)
+        for pool in pooled(batches, pool_texts):  # one encode call per pool, one output per input batch
+            vecs = embed_texts(pd.concat(pool).fillna("").tolist(), ref, env, bs)
+            start = 0
+            for texts in pool:
+                yield pd.Series(list(vecs[start:start + len(texts)]))
+                start += len(texts)
             if counter is not None:
-                counter.add(len(texts))
-            yield pd.Series(list(vecs))
+                counter.add(start)
 
     workers = df.sparkSession.sparkContext.defaultParallelism
     # an accumulator reports when a task ends: with a counter, PROGRESS_STEPS tasks per core let the count move
