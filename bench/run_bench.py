@@ -256,6 +256,7 @@ def spark_child(master: str, args) -> dict:
     wall time through generate_df; on local[1] with the default threads also the overhead of the same batch
     through mapInPandas vs in-process; on local[2] retrieval through Spark vs in-process encode."""
     import pandas as pd
+    from pyspark.sql import functions as F
 
     from restpg.embedding import embed_column, embed_with
     from restpg.runtime import get_spark
@@ -301,7 +302,8 @@ def spark_child(master: str, args) -> dict:
         texts = retrieval_texts(args.retrieval_texts)
         tdf = spark.createDataFrame(pd.DataFrame({"text": texts})).coalesce(1)  # as a small table is read: one partition
         embedder = models.load_embedder(RETRIEVER, settings)
-        embed_column(tdf, "text", "vec", settings).count()  # warm-up: workers load the embedder
+        # warm-up: workers load the embedder (a count() alone prunes the unused column, and the UDF with it)
+        embed_column(tdf, "text", "vec", settings).select(F.size("vec")).collect()
         embed_with(embedder, texts[:32])
         rounds = []
         for r in range(args.spark_rounds):
