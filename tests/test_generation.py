@@ -80,6 +80,28 @@ def test_cache_expansion_with_left_padding_matches_plain_forwards(lm):
             torch.testing.assert_close(state.logits[row], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_cache_writes_in_place_and_samples_what_the_concatenating_cache_samples(lm, monkeypatch):
+    from transformers import DynamicCache
+
+    model, tokenizer = lm
+    state = generation.prefill(model, tokenizer, PROMPTS, 2, room=5)
+    layer = state.cache.layers[0]
+    assert isinstance(layer, generation.GrowingLayer)
+    reserved, length = layer._k, layer.length
+    for t in range(5):  # within the room: every step writes into the buffer reserved at prefill
+        generation.step(model, state, torch.full((len(state.rows),), 10 + t))
+        assert layer._k is reserved and layer.keys.data_ptr() == reserved.data_ptr() and layer.length == length + t + 1
+    generation.step(model, state, torch.full((len(state.rows),), 20))  # past it: more room, the past kept
+    assert layer._k is not reserved and layer.length == length + 6
+    assert torch.equal(layer._k[..., :length + 5, :], reserved)
+
+    seeds = [[sample_seed(f"ex-{i}", j, 1, 0) for j in range(3)] for i in range(len(PROMPTS))]
+    in_place, _ = sample(model, tokenizer, PROMPTS, seeds, **SAMPLING)
+    monkeypatch.setattr(generation, "decoding_cache", lambda model, room: DynamicCache(config=model.config))
+    concatenated, _ = sample(model, tokenizer, PROMPTS, seeds, **SAMPLING)
+    assert in_place == concatenated
+
+
 def test_greedy_matches_transformers_generate(lm):
     model, tokenizer = lm
     samples, _ = sample(model, tokenizer, PROMPTS, [[0, 1]] * len(PROMPTS), temperature=0.0, top_p=1.0,
