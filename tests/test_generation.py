@@ -102,6 +102,24 @@ def test_decoding_cache_writes_in_place_and_samples_what_the_concatenating_cache
     assert in_place == concatenated
 
 
+def test_growing_layer_keeps_what_a_concatenating_layer_keeps():
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(4, 2, n, 8, generator=g) for n in (5, 1, 1, 3, 1)]
+    grown, plain = generation.GrowingLayer(room=2), DynamicLayer()
+    for i, chunk in enumerate(chunks):
+        k_grown, v_grown = grown.update(chunk, -chunk)
+        k_plain, v_plain = plain.update(chunk, -chunk)
+        assert torch.equal(k_grown, k_plain) and torch.equal(v_grown, v_plain) and grown.get_seq_length() == k_plain.shape[-2]
+        if i == 2:  # drop the last two positions, select and repeat rows: the next writes land after what is kept
+            grown.crop(-2), plain.crop(-2)
+            rows = torch.tensor([3, 0, 2])
+            grown.batch_select_indices(rows), plain.batch_select_indices(rows)
+            grown.reorder_cache(torch.tensor([1, 1, 0, 2])), plain.batch_select_indices(torch.tensor([1, 1, 0, 2]))  # 4 rows again
+    assert grown.keys.shape == plain.keys.shape and torch.equal(grown.keys, plain.keys)
+
+
 def test_greedy_matches_transformers_generate(lm):
     model, tokenizer = lm
     samples, _ = sample(model, tokenizer, PROMPTS, [[0, 1]] * len(PROMPTS), temperature=0.0, top_p=1.0,

@@ -160,6 +160,14 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
             self._views()
 
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)  # checks the argument and shortens the views
+        if self.is_initialized and self._k is not None:
+            self.length = self.keys.shape[-2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self._k.device) if self._k is not None else beam_idx)
+
     def reset(self) -> None:
         super().reset()
         self.length, self._k, self._v = 0, None, None
