@@ -182,3 +182,10 @@ def test_a_missing_required_column_is_an_error_not_a_silent_change(spark, tmp_pa
     spark.sql(catalog._create_table_sql(f"delta.`{r.path}`", old))
     with pytest.raises(catalog.SchemaMismatch, match=r"lacks the required columns \['format_ok'\]"):
         catalog.ensure(spark, s, "judge_scores")
+
+
+def test_local_spark_follows_the_profiles_adaptive_setting(spark, settings):
+    """The local profile turns adaptive execution off (it re-plans each tiny query for no gain); the
+    session the suite shares was built from that profile."""
+    assert settings.spark.adaptive is False
+    assert spark.conf.get("spark.sql.adaptive.enabled") == "false"

@@ -23,9 +23,43 @@ def test_fits_leaves_room_for_end_of_sequence(n_tokens, budget, ok):
     ((True, True, True, True, True), "empty"),
     ((True, True, True, False, True), "copied"),
     ((True, True, True, False, False, False), "reasoning_too_long"),
+    ((True, True, True, False, False, False, True), "reasoning_cut"),  # nothing complete is left to measure
+    ((True, True, True, False, True, True, True), "copied"),
 ])
 def test_leave_out(args, reason_):
     assert sft_data.leave_out(*args) == reason_
+
+
+@pytest.mark.parametrize("text, complete", [
+    ("This person writes short reviews. They tend to write about the same thing,", "This person writes short reviews."),
+    ('1. Likes tea.\n2. Writes "briefly." Then\n3. The user', '1. Likes tea.\n2. Writes "briefly." Then'),  # "3." is a number
+    ("- short reviews\n- rated 3.0 and", "- short reviews"),
+    ("rated 3.0 and never", ""),
+    ("Ends well.", "Ends well."),
+])
+def test_complete_part_keeps_up_to_the_last_finished_sentence_or_line(text, complete):
+    assert prompts.complete_part(text) == complete
+
+
+def test_a_path_cut_at_the_cap_is_trained_on_up_to_its_last_complete_sentence(tiny, tmp_path):
+    """The teacher stopped at its length cap mid-sentence: the training reasoning ends at its last complete
+    sentence; one that never finished a sentence is left out; a path that ended on its own is kept whole."""
+    import pandas as pd
+
+    from restpg import models
+
+    s = make_settings(tmp_path / "home", f"models.policy={tiny}")
+    decide = sft_data._decider(tiny, models.worker_env(s), 48, 24)
+    cut = GOOD + " They also like"
+    pdf = pd.DataFrame({"example_id": ["a", "b", "c", "d"], "target": [SHORT] * 4,
+                        "reasoning": [cut, "They also like", cut, None], "copied": [False] * 4,
+                        "finished": [False, False, True, None]})
+    out = next(decide(iter([pdf]))).set_index("example_id")
+    assert out.loc["a", "reasoning_reason"] is None and out.loc["a", "reasoning"] == GOOD and out.loc["a", "trimmed"]
+    assert out.loc["b", "reasoning_reason"] == "reasoning_cut" and not out.loc["b", "trimmed"]
+    assert out.loc["c", "reasoning_reason"] is None and out.loc["c", "reasoning"] == cut and not out.loc["c", "trimmed"]
+    assert out.loc["d", "reasoning_reason"] == "no_reasoning_path" and out.loc["d", "reasoning"] is None
+    assert list(out["plain_reason"]) == [None] * 4
 
 
 def test_em_variants_have_no_iteration_zero_data(tmp_path):
@@ -42,9 +76,11 @@ def test_both_variants_share_inputs_and_leave_out_unfit_rows(spark, tiny, tmp_pa
     write_rows(spark, s, "examples", examples)
     write_rows(spark, s, "retrievals", [{"example_id": "t1", "retriever": s.models.retriever, "k": 1,
                                          "items": [{"rank": 1, "item_id": "p", "score": 0.5, "text": "A tea review."}]}])
-    reasoning = {"t1": GOOD, "t2": SHORT, "t3": "   ", "t5": GOOD, "t6": GOOD + " " + LONG, "t7": GOOD, "t8": GOOD, "t9": GOOD}
+    reasoning = {"t1": GOOD, "t2": SHORT, "t3": "   ", "t5": GOOD, "t6": GOOD + " " + LONG, "t7": GOOD,
+                 "t8": GOOD + " They also like", "t9": GOOD}  # t8's teacher stopped at its cap mid-sentence
     write_rows(spark, s, "reasoning_paths", [
-        {"example_id": e, **reason.path_slice(s), "reasoning": r, "copied": e == "t2"} for e, r in reasoning.items()]
+        {"example_id": e, **reason.path_slice(s), "reasoning": r, "copied": e == "t2", "finished": e != "t8"}
+        for e, r in reasoning.items()]
         + [{"example_id": "t4", "teacher": "another-teacher", "template_version": reason.path_slice(s)["template_version"],
             "reasoning": GOOD}])  # another teacher's path is not this run's
 
@@ -52,7 +88,7 @@ def test_both_variants_share_inputs_and_leave_out_unfit_rows(spark, tiny, tmp_pa
     assert report["inputs"] == 7
     assert report["variants"]["sft"]["left_out"] == {"target_too_long": 1}
     assert report["variants"]["sft_reasoning"]["left_out"] == {
-        "target_too_long": 1, "no_reasoning_path": 1, "empty": 1, "copied": 1, "reasoning_too_long": 1}
+        "target_too_long": 1, "no_reasoning_path": 1, "empty": 1, "copied": 1, "reasoning_cut": 0, "reasoning_too_long": 1}
     rows = catalog.read(spark, s, "training_sets").where("iteration = 0").toPandas()
     by_variant = {v: g.set_index("example_id") for v, g in rows.groupby("variant")}
     assert sorted(by_variant["sft"].index) == ["t1", "t2", "t3", "t4", "t6", "t8"]
@@ -61,6 +97,8 @@ def test_both_variants_share_inputs_and_leave_out_unfit_rows(spark, tiny, tmp_pa
 
     assert (by_variant["sft"]["completion"] == SHORT).all()
     assert by_variant["sft_reasoning"].loc["t1", "completion"] == prompts.join_reasoning(GOOD, SHORT)
+    assert by_variant["sft_reasoning"].loc["t8", "completion"] == prompts.join_reasoning(GOOD, SHORT)  # cut back
+    assert report["variants"]["sft_reasoning"]["trimmed_at_cap"] == 1
     assert set(by_variant["sft"]["template_version"]) == {prompts.template("policy_plain").version}
     assert set(by_variant["sft_reasoning"]["template_version"]) == {prompts.template("policy_reasoning").version}
     assert "A tea review." in by_variant["sft"].loc["t1", "prompt"]

@@ -30,6 +30,8 @@ class SparkConfig:
     arrow_batch_rows: int = _f(64, "rows per Arrow batch fed to a pandas UDF (model inference batch)")
     torch_threads: int = _f(0, "torch threads of each Spark task; 0: the cores shared among a local master's task slots")
     log_level: str = _f("ERROR", "Spark log level")
+    adaptive: bool = _f(True, "spark.sql.adaptive.enabled for local Spark: adaptive execution re-plans every query, "
+                              "which on tables of a few hundred rows costs more than it saves")
 
 
 @dataclass

@@ -65,18 +65,13 @@ def write_paths(spark, settings: Settings, inputs, run_id: str) -> int:
 def run(spark, settings: Settings, *, run_id: str) -> dict:
     from pyspark.sql import functions as F
 
-    from restpg import models
-    from restpg.sft_data import REASONS, _decider
+    from restpg.sft_data import REASONS, decide
 
     inputs = training_inputs(spark, settings).select("example_id", "task", "input", "target", "user_id", "split", "profile").cache()
     paths_version = write_paths(spark, settings, inputs, run_id)
-    paths = catalog.read_slice(spark, settings, "reasoning_paths", path_slice(settings)).select("example_id", "reasoning", "copied")
-    rows = inputs.join(paths, "example_id", "left")
-    policy = models.resolve_ref(settings.models.policy, settings)
-    models.checkpoint_dir(policy, settings)
-    decide = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
-    decided = rows.join(rows.select("example_id", "target", "reasoning", "copied").mapInPandas(
-        decide, "example_id string, plain_reason string, reasoning_reason string"), "example_id").localCheckpoint()
+    paths = (catalog.read_slice(spark, settings, "reasoning_paths", path_slice(settings))
+             .select("example_id", "reasoning", "copied", "finished"))
+    decided = decide(spark, settings, inputs.join(paths, "example_id", "left"))
     kept = decided.where(F.col("reasoning_reason").isNull())
     completion = F.udf(lambda r, t: prompts.join_reasoning(r, t), "string")("reasoning", "target")
     out = (policy_prompts(spark, settings, kept.select("example_id", "task", "input", "user_id", "split", "profile"), VARIANT)
@@ -94,4 +89,4 @@ def run(spark, settings: Settings, *, run_id: str) -> dict:
     if any(left_out.values()):
         say(f"pat_sft: {n} of {n_inputs} training inputs kept; left out {left_out}")
     return {"version": version, "paths_version": paths_version, **path_slice(settings), "inputs": n_inputs, "rows": n,
-            "left_out": left_out}
+            "left_out": left_out, "trimmed_at_cap": kept.where("trimmed").count()}

@@ -40,12 +40,16 @@ class Steps:
         self.spark, self.settings, self.force = spark, settings, set(force)
         self.results: dict[str, dict] = {}
         self.fingerprints: list[str] = []
+        self._runs: dict[tuple[str, str], tuple[str, str]] | None = None  # (stage, slice) → (fingerprint, result)
 
-    def _done(self, stage: str, slice_: str):
-        if not catalog.exists(self.spark, self.settings, "stage_runs"):
-            return None
-        rows = catalog.read_slice(self.spark, self.settings, "stage_runs", {"stage": stage, "slice": slice_}).collect()
-        return rows[0] if rows else None
+    def _done(self, stage: str, slice_: str) -> tuple[str, str] | None:
+        """(fingerprint, result) of the stage's last completed run, from `stage_runs` read once per pipeline."""
+        if self._runs is None:
+            self._runs = {}
+            if catalog.exists(self.spark, self.settings, "stage_runs"):
+                rows = catalog.read(self.spark, self.settings, "stage_runs").select("stage", "slice", "fingerprint", "result")
+                self._runs = {(r.stage, r.slice): (r.fingerprint, r.result) for r in rows.collect()}
+        return self._runs.get((stage, slice_))
 
     def run(self, stage: str, slice_: str, config: dict, deps: list[str], fn=None, **arguments) -> tuple[str, dict]:
         """restpg.<stage>.run(spark, settings, run_id=…, **arguments) unless complete; `fn(run_id, redo)`
@@ -53,9 +57,9 @@ class Steps:
         fp = hashlib.sha1(json.dumps([stage, slice_, config, deps], sort_keys=True, default=str).encode()).hexdigest()[:16]
         done = self._done(stage, slice_)
         label = f"{stage} [{slice_}]" if slice_ else stage
-        if done is not None and done.fingerprint == fp and stage not in self.force:
+        if done is not None and done[0] == fp and stage not in self.force:
             say(f"skip {label}: complete for the same inputs and config")
-            result = json.loads(done.result)
+            result = json.loads(done[1])
         else:
             say(f"run {label}")
             with stage_run(self.settings, label, {"slice": slice_, "fingerprint": fp, **arguments}) as log:
@@ -78,6 +82,7 @@ class Steps:
         df = self.spark.createDataFrame(row, "stage string, slice string, fingerprint string, output_versions map<string,bigint>, "
                                              "result string, rows bigint, run_id string")
         catalog.merge(self.spark, self.settings, df.withColumn("created_at", F.current_timestamp()), "stage_runs", log.run_id, update=True)
+        self._runs[(stage, slice_)] = (fp, row[0][4])
 
 
 def _source(settings: Settings) -> tuple[str, str | None]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -72,6 +73,17 @@ def split_reasoning(raw: str) -> tuple[str | None, str, bool]:
 
 def join_reasoning(reasoning: str, response: str) -> str:
     return f"{reasoning.strip()}{SEPARATOR}{response.strip()}"
+
+
+# the end of a sentence (its closing quotes or brackets included; not a list number such as "3.") or of a line
+_COMPLETE_END = re.compile(r"(?<!^\d)(?<!^\d\d)[.!?][\"')\]]*(?=\s|$)|\n", re.M)
+
+
+def complete_part(text: str) -> str:
+    """`text` up to the end of its last complete sentence or line: what is left of a text that a length
+    cap cut off mid-thought ("" when it never finished one)."""
+    ends = [m.end() for m in _COMPLETE_END.finditer(text or "")]
+    return text[:ends[-1]].strip() if ends else ""
 
 
 # Why an output is unusable (format_ok = false: reward 0, never kept, an empty response at evaluation).

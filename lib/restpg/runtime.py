@@ -33,6 +33,7 @@ def get_spark(settings: Settings):
             .config("spark.sql.warehouse.dir", str(home / "warehouse"))
             .config("spark.driver.memory", settings.spark.driver_memory)
             .config("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
+            .config("spark.sql.adaptive.enabled", str(settings.spark.adaptive).lower())
             .config("spark.default.parallelism", str(settings.spark.shuffle_partitions))
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")

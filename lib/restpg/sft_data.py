@@ -4,7 +4,10 @@ Both variants start from the same inputs (`policy_inputs.training_inputs`) and d
 examples for a target that does not fit `prompt.max_response_tokens` in the policy's tokenizer, so
 they compare like with like and no training target is silently cut. `sft_reasoning` also leaves out
 examples whose reasoning path is missing, empty, flagged as copying y, or longer than
-`prompt.max_reasoning_tokens`; every example left out is counted under one reason.
+`prompt.max_reasoning_tokens`; every example left out is counted under one reason. A path the teacher
+stopped at its length cap ends mid-thought: it is cut back to its last complete sentence or line
+(`prompts.complete_part`, counted as `trimmed_at_cap`), so the policy never learns a reasoning that
+breaks off into the separator; a path that never finished one is left out (`reasoning_cut`).
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from restpg.config import Settings
 from restpg.policy_inputs import policy_prompts, training_inputs
 from restpg.tracking import say
 
-TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG = (
-    "target_too_long", "no_reasoning_path", "empty", "copied", "reasoning_too_long")
-REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG)  # first that applies is counted
+TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_CUT, REASONING_TOO_LONG = (
+    "target_too_long", "no_reasoning_path", "empty", "copied", "reasoning_cut", "reasoning_too_long")
+REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_CUT, REASONING_TOO_LONG)  # first that applies is counted
 
 
 def fits(n_tokens: int, budget: int) -> bool:
@@ -31,7 +34,7 @@ def fits(n_tokens: int, budget: int) -> bool:
 
 
 def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, empty: bool = False,
-              copied: bool = False, reasoning_fits: bool = True) -> str | None:
+              copied: bool = False, reasoning_fits: bool = True, cut: bool = False) -> str | None:
     """Why an example is not training data for a variant (None: it is), first reason in REASONS order."""
     if not target_fits:
         return TARGET_TOO_LONG
@@ -43,6 +46,8 @@ def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, em
         return EMPTY
     if copied:
         return COPIED
+    if cut:
+        return REASONING_CUT
     if not reasoning_fits:
         return REASONING_TOO_LONG
     return None
@@ -59,46 +64,66 @@ def _n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+DECISIONS = "example_id string, plain_reason string, reasoning_reason string, reasoning string, trimmed boolean"
+
+
 def _decider(policy: str, env: dict, max_reasoning: int, max_response: int):
-    """mapInPandas: each input's leave-out reason for a plain and for a reasoning variant."""
+    """mapInPandas over (example_id, target, reasoning, copied, finished): each input's leave-out reason for
+    a plain and for a reasoning variant, and the reasoning to train on (cut back to its last complete
+    sentence when the teacher stopped at its cap; `trimmed` says so)."""
     reasoning_budget = prompts.output_budget("sft_reasoning", max_reasoning, max_response)
 
     def decide(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         tokenizer = _tokenizer(policy, tuple(sorted(env.items())))
         for pdf in batches:
-            plain, reasoned = [], []
+            plain, reasoned, kept, trimmed = [], [], [], []
             for r in pdf.itertuples():
                 target_fits = fits(_n_tokens(tokenizer, r.target), max_response)
                 has_path = isinstance(r.reasoning, str)
                 reasoning = (r.reasoning or "").strip() if has_path else ""
+                at_cap = bool(reasoning) and r.finished is False  # null: written before `finished` was recorded
+                complete = prompts.complete_part(reasoning) if at_cap else reasoning
                 # the teacher wrote the path within the reasoning budget (its own cap); what must fit in
                 # the policy's tokens is the whole completion, under the cap training and sampling share
                 reasoning_fits = has_path and fits(
-                    _n_tokens(tokenizer, prompts.join_reasoning(reasoning, r.target)), reasoning_budget)
+                    _n_tokens(tokenizer, prompts.join_reasoning(complete, r.target)), reasoning_budget)
                 plain.append(leave_out(False, target_fits))
-                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits))
-            yield pd.DataFrame({"example_id": pdf["example_id"], "plain_reason": plain, "reasoning_reason": reasoned})
+                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits,
+                                          cut=at_cap and not complete))
+                kept.append(complete if has_path else None)
+                trimmed.append(at_cap and bool(complete) and complete != reasoning)
+            yield pd.DataFrame({"example_id": pdf["example_id"], "plain_reason": plain, "reasoning_reason": reasoned,
+                                "reasoning": kept, "trimmed": trimmed})
     return decide
+
+
+def decide(spark, settings: Settings, rows):
+    """`rows` (example_id, target, reasoning, copied, finished, …) with `reasoning` replaced by the one to
+    train on and plain_reason / reasoning_reason / trimmed added, materialised once."""
+    from restpg import models
+
+    policy = models.resolve_ref(settings.models.policy, settings)
+    models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
+    decider = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
+    reasons = rows.select("example_id", "target", "reasoning", "copied", "finished").mapInPandas(decider, DECISIONS)
+    spark.sparkContext.setJobDescription("sft_data: fit targets and reasoning to the policy's budgets")
+    return rows.drop("reasoning", "finished").join(reasons, "example_id").localCheckpoint()
 
 
 def _decisions(spark, settings: Settings, inputs, with_reasoning: bool):
     """inputs + reasoning (null without a path) + plain_reason / reasoning_reason, materialised once."""
     from pyspark.sql import functions as F
 
-    from restpg import models, reason
+    from restpg import reason
 
     if with_reasoning:
-        paths = catalog.read_slice(spark, settings, "reasoning_paths", reason.path_slice(settings)).select("example_id", "reasoning", "copied")
+        paths = (catalog.read_slice(spark, settings, "reasoning_paths", reason.path_slice(settings))
+                 .select("example_id", "reasoning", "copied", "finished"))
         rows = inputs.join(paths, "example_id", "left")
     else:
-        rows = inputs.withColumn("reasoning", F.lit(None).cast("string")).withColumn("copied", F.lit(None).cast("boolean"))
-    policy = models.resolve_ref(settings.models.policy, settings)
-    models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
-    decide = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
-    reasons = rows.select("example_id", "target", "reasoning", "copied").mapInPandas(
-        decide, "example_id string, plain_reason string, reasoning_reason string")
-    spark.sparkContext.setJobDescription("sft_data: fit targets and reasoning to the policy's budgets")
-    return rows.join(reasons, "example_id").localCheckpoint()
+        rows = (inputs.withColumn("reasoning", F.lit(None).cast("string")).withColumn("copied", F.lit(None).cast("boolean"))
+                .withColumn("finished", F.lit(None).cast("boolean")))
+    return decide(spark, settings, rows)
 
 
 def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = None) -> dict:
@@ -131,6 +156,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
         if any(left_out.values()):
             say(f"sft_data {name}: {n} of {n_inputs} training inputs kept; left out {left_out}")
         result["variants"][name] = {"version": version, "rows": n, "left_out": left_out}
+        if reasoning:
+            result["variants"][name]["trimmed_at_cap"] = kept.where("trimmed").count()
         result["rows"] += n
     _log_metrics(result)
     empty = {name: r["left_out"] for name, r in result["variants"].items() if r["rows"] == 0}
