@@ -60,6 +60,8 @@ def test_a_path_cut_at_the_cap_is_trained_on_up_to_its_last_complete_sentence(ti
     assert out.loc["c", "reasoning_reason"] is None and out.loc["c", "reasoning"] == cut and not out.loc["c", "trimmed"]
     assert out.loc["d", "reasoning_reason"] == "no_reasoning_path" and out.loc["d", "reasoning"] is None
     assert list(out["plain_reason"]) == [None] * 4
+    nullable = pdf.astype({"finished": "boolean"})  # pandas' nullable booleans hold numpy bools and pd.NA
+    assert next(decide(iter([nullable]))).set_index("example_id").equals(out)
 
 
 def test_em_variants_have_no_iteration_zero_data(tmp_path):

@@ -81,7 +81,8 @@ def _decider(policy: str, env: dict, max_reasoning: int, max_response: int):
                 target_fits = fits(_n_tokens(tokenizer, r.target), max_response)
                 has_path = isinstance(r.reasoning, str)
                 reasoning = (r.reasoning or "").strip() if has_path else ""
-                at_cap = bool(reasoning) and r.finished is False  # null: written before `finished` was recorded
+                # a null `finished` (a path written before it was recorded) counts as finished
+                at_cap = bool(reasoning) and not pd.isna(r.finished) and not bool(r.finished)
                 complete = prompts.complete_part(reasoning) if at_cap else reasoning
                 # the teacher wrote the path within the reasoning budget (its own cap); what must fit in
                 # the policy's tokens is the whole completion, under the cap training and sampling share
