@@ -23,8 +23,6 @@ def test_fits_leaves_room_for_end_of_sequence(n_tokens, budget, ok):
     ((True, True, True, True, True), "empty"),
     ((True, True, True, False, True), "copied"),
     ((True, True, True, False, False, False), "reasoning_too_long"),
-    ((True, True, True, False, False, False, True), "reasoning_cut"),  # nothing complete is left to measure
-    ((True, True, True, False, True, True, True), "copied"),
 ])
 def test_leave_out(args, reason_):
     assert sft_data.leave_out(*args) == reason_
@@ -43,7 +41,7 @@ def test_complete_part_keeps_up_to_the_last_finished_sentence_or_line(text, comp
 
 def test_a_path_cut_at_the_cap_is_trained_on_up_to_its_last_complete_sentence(tiny, tmp_path):
     """The teacher stopped at its length cap mid-sentence: the training reasoning ends at its last complete
-    sentence; one that never finished a sentence is left out; a path that ended on its own is kept whole."""
+    sentence; one that never finished a sentence, and a path that ended on its own, are kept whole."""
     import pandas as pd
 
     from restpg import models
@@ -56,7 +54,8 @@ def test_a_path_cut_at_the_cap_is_trained_on_up_to_its_last_complete_sentence(ti
                         "finished": [False, False, True, None]})
     out = next(decide(iter([pdf]))).set_index("example_id")
     assert out.loc["a", "reasoning_reason"] is None and out.loc["a", "reasoning"] == GOOD and out.loc["a", "trimmed"]
-    assert out.loc["b", "reasoning_reason"] == "reasoning_cut" and not out.loc["b", "trimmed"]
+    assert out.loc["b", "reasoning_reason"] is None and out.loc["b", "reasoning"] == "They also like"  # nothing shorter
+    assert not out.loc["b", "trimmed"]
     assert out.loc["c", "reasoning_reason"] is None and out.loc["c", "reasoning"] == cut and not out.loc["c", "trimmed"]
     assert out.loc["d", "reasoning_reason"] == "no_reasoning_path" and out.loc["d", "reasoning"] is None
     assert list(out["plain_reason"]) == [None] * 4
@@ -90,7 +89,7 @@ def test_both_variants_share_inputs_and_leave_out_unfit_rows(spark, tiny, tmp_pa
     assert report["inputs"] == 7
     assert report["variants"]["sft"]["left_out"] == {"target_too_long": 1}
     assert report["variants"]["sft_reasoning"]["left_out"] == {
-        "target_too_long": 1, "no_reasoning_path": 1, "empty": 1, "copied": 1, "reasoning_cut": 0, "reasoning_too_long": 1}
+        "target_too_long": 1, "no_reasoning_path": 1, "empty": 1, "copied": 1, "reasoning_too_long": 1}
     rows = catalog.read(spark, s, "training_sets").where("iteration = 0").toPandas()
     by_variant = {v: g.set_index("example_id") for v, g in rows.groupby("variant")}
     assert sorted(by_variant["sft"].index) == ["t1", "t2", "t3", "t4", "t6", "t8"]

@@ -6,8 +6,9 @@ they compare like with like and no training target is silently cut. `sft_reasoni
 examples whose reasoning path is missing, empty, flagged as copying y, or longer than
 `prompt.max_reasoning_tokens`; every example left out is counted under one reason. A path the teacher
 stopped at its length cap ends mid-thought: it is cut back to its last complete sentence or line
-(`prompts.complete_part`, counted as `trimmed_at_cap`), so the policy never learns a reasoning that
-breaks off into the separator; a path that never finished one is left out (`reasoning_cut`).
+(`prompts.complete_part`, counted as `trimmed_at_cap`), so the policy does not learn a reasoning that
+breaks off into the separator. A path without one complete sentence has nothing shorter to keep and is
+used as written (leaving it out would cost `sft_reasoning` the example that `sft` trains on).
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from restpg.config import Settings
 from restpg.policy_inputs import policy_prompts, training_inputs
 from restpg.tracking import say
 
-TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_CUT, REASONING_TOO_LONG = (
-    "target_too_long", "no_reasoning_path", "empty", "copied", "reasoning_cut", "reasoning_too_long")
-REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_CUT, REASONING_TOO_LONG)  # first that applies is counted
+TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG = (
+    "target_too_long", "no_reasoning_path", "empty", "copied", "reasoning_too_long")
+REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG)  # first that applies is counted
 
 
 def fits(n_tokens: int, budget: int) -> bool:
@@ -34,7 +35,7 @@ def fits(n_tokens: int, budget: int) -> bool:
 
 
 def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, empty: bool = False,
-              copied: bool = False, reasoning_fits: bool = True, cut: bool = False) -> str | None:
+              copied: bool = False, reasoning_fits: bool = True) -> str | None:
     """Why an example is not training data for a variant (None: it is), first reason in REASONS order."""
     if not target_fits:
         return TARGET_TOO_LONG
@@ -46,8 +47,6 @@ def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, em
         return EMPTY
     if copied:
         return COPIED
-    if cut:
-        return REASONING_CUT
     if not reasoning_fits:
         return REASONING_TOO_LONG
     return None
@@ -83,16 +82,15 @@ def _decider(policy: str, env: dict, max_reasoning: int, max_response: int):
                 reasoning = (r.reasoning or "").strip() if has_path else ""
                 # a null `finished` (a path written before it was recorded) counts as finished
                 at_cap = bool(reasoning) and not pd.isna(r.finished) and not bool(r.finished)
-                complete = prompts.complete_part(reasoning) if at_cap else reasoning
+                complete = (prompts.complete_part(reasoning) if at_cap else "") or reasoning
                 # the teacher wrote the path within the reasoning budget (its own cap); what must fit in
                 # the policy's tokens is the whole completion, under the cap training and sampling share
                 reasoning_fits = has_path and fits(
                     _n_tokens(tokenizer, prompts.join_reasoning(complete, r.target)), reasoning_budget)
                 plain.append(leave_out(False, target_fits))
-                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits,
-                                          cut=at_cap and not complete))
+                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits))
                 kept.append(complete if has_path else None)
-                trimmed.append(at_cap and bool(complete) and complete != reasoning)
+                trimmed.append(complete != reasoning)
             yield pd.DataFrame({"example_id": pdf["example_id"], "plain_reason": plain, "reasoning_reason": reasoned,
                                 "reasoning": kept, "trimmed": trimmed})
     return decide
