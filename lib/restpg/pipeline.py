@@ -78,11 +78,12 @@ class Steps:
     def _record(self, stage, slice_, fp, log, result) -> None:
         from pyspark.sql import functions as F
 
-        row = [(stage, slice_, fp, dict(log.versions), json.dumps(result, default=str), int(result.get("rows") or 0), log.run_id)]
+        text = json.dumps(result, default=str)
+        row = [(stage, slice_, fp, dict(log.versions), text, int(result.get("rows") or 0), log.run_id)]
         df = self.spark.createDataFrame(row, "stage string, slice string, fingerprint string, output_versions map<string,bigint>, "
                                              "result string, rows bigint, run_id string")
         catalog.merge(self.spark, self.settings, df.withColumn("created_at", F.current_timestamp()), "stage_runs", log.run_id, update=True)
-        self._runs[(stage, slice_)] = (fp, row[0][4])
+        self._runs[(stage, slice_)] = (fp, text)
 
 
 def _source(settings: Settings) -> tuple[str, str | None]:

@@ -110,7 +110,7 @@ def decide(spark, settings: Settings, rows):
 
 
 def _decisions(spark, settings: Settings, inputs, with_reasoning: bool):
-    """inputs + reasoning (null without a path) + plain_reason / reasoning_reason, materialised once."""
+    """inputs + the teacher's path (null without one) → `decide`."""
     from pyspark.sql import functions as F
 
     from restpg import reason
@@ -178,4 +178,6 @@ def _log_metrics(result: dict) -> None:
     for name, r in result["variants"].items():
         metrics[f"sft_data.{name}.rows"] = r["rows"]
         metrics.update({f"sft_data.{name}.left_out.{k}": v for k, v in r["left_out"].items()})
+        if "trimmed_at_cap" in r:
+            metrics[f"sft_data.{name}.trimmed_at_cap"] = r["trimmed_at_cap"]
     mlflow.log_metrics(metrics)
