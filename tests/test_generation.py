@@ -291,3 +291,15 @@ def test_prompts_are_grouped_by_length_and_answered_in_their_own_order(lm):
     alone = [sample(model, tokenizer, [p], [s], **SAMPLING)[0][0] for p, s in zip(prompts_, seeds)]
     grouped, stats = sample(model, tokenizer, prompts_, seeds, max_rows=2 * m, **SAMPLING)
     assert stats.prefill_passes == 2 and [[x.text for x in row] for row in grouped] == [[x.text for x in row] for row in alone]
+
+
+def test_counted_generation_keeps_whole_decoding_groups_per_partition():
+    """Progress partitions are capped so that each holds at least one decoding group of prompts (16 prompts
+    over 8 partitions decoded 2 at a time, at half the tokens per second), never below one per worker."""
+    from restpg.embedding import PROGRESS_STEPS
+
+    assert generation.progress_partitions(2, None, 64) == 2 * PROGRESS_STEPS  # unknown size: finest progress
+    assert generation.progress_partitions(2, 16, 64) == 2  # evaluation-sized: one group per worker
+    assert generation.progress_partitions(2, 40, 8) == 5
+    assert generation.progress_partitions(2, 1000, 16) == 2 * PROGRESS_STEPS
+    assert generation.progress_partitions(4, 1, 64) == 4

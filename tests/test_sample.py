@@ -156,3 +156,19 @@ def test_plain_and_reasoning_variants_have_separate_caps_and_a_parse(spark, home
     assert reasoning.has_separator.all() and reasoning.reasoning_forced.all() and reasoning.reasoning.notna().all()
     assert (reasoning.format_issue.isna() | reasoning.format_issue.isin(prompts.FORMAT_ISSUES)).all()
     assert not (reasoning.format_issue == prompts.NO_SEPARATOR).any()
+
+
+def test_each_prompt_is_sampled_once_per_chunk(spark, home, tiny, monkeypatch):
+    """The chunk is generated once: the MERGE that commits it reads stored rows, not the sampling plan
+    again (a persisted source was re-planned by Delta's MERGE, and every prompt was answered twice)."""
+    answered = spark.sparkContext.accumulator(0)
+    generate_df = generation.generate_df
+
+    def counted(*args, **kwargs):
+        return generate_df(*args, **{**kwargs, "counter": answered})
+
+    monkeypatch.setattr(generation, "generate_df", counted)
+    report = sample.run(spark, home, variant="rest_em", iteration=3, policy=tiny, run_id="once")
+    assert report["sampled_examples"] == len(TRAIN)
+    assert answered.value == len(TRAIN)
+    assert len(slice_rows(spark, home, "rest_em", 3)) == len(TRAIN) * M

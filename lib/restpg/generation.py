@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -430,11 +431,23 @@ class SamplingJob:
                 yield out
 
 
+def progress_partitions(workers: int, prompts: int | None, group: int) -> int:
+    """Partitions for a counted generation job: `PROGRESS_STEPS` per worker, fewer when that would leave
+    a partition less than one decoding `group` of prompts (when their number is known), never fewer than
+    one per worker."""
+    from restpg.embedding import PROGRESS_STEPS
+
+    most = workers * PROGRESS_STEPS
+    if prompts is None:
+        return most
+    return max(workers, min(most, math.ceil(prompts / group)))
+
+
 def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: float, top_p: float,
                 max_new_tokens: int, iteration: int, seed: int, reasoning_tokens: int | None = None,
                 prompt_col: str = "prompt",
                 id_col: str = "example_id", chat: bool = False, max_rows: int = 64, with_worker_info: bool = False,
-                counter=None):
+                counter=None, n_prompts: int | None = None):
     """m samples per row → rows (id, sample_index 0..m-1, seed, text, n_tokens, finished, reasoning_forced,
     prompt_truncated). Budgets as in `sample`.
 
@@ -442,8 +455,10 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     fitted to `settings.prompt.max_input_tokens` with the model's own tokenizer on the executor (and
     rendered with the chat template when `chat`); `prompt_truncated` reports which prompts lost profile.
     `with_worker_info` adds each row's worker pid and that worker's model-load count. `counter` (see
-    `embedding.watch`) gets the prompts answered; with it the prompts are spread over `PROGRESS_STEPS`
-    partitions per core so the count moves before the end.
+    `embedding.watch`) gets the prompts answered; with it the prompts are spread over up to `PROGRESS_STEPS`
+    partitions per core so the count moves before the end, but (given their number, `n_prompts`) no
+    partition gets less than one decoding group: on a CPU a group of 2 rows makes half the tokens per
+    second of a group of 16, so finer progress would cost more than it shows.
     """
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
@@ -468,7 +483,7 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     log.info("sampling %d per prompt from %s (temperature %.2f, top-p %.2f)", m, ref, temperature, top_p)
     out = df.select(F.col(id_col).cast("string").alias(id_col), *columns)
     if counter is not None:
-        from restpg.embedding import PROGRESS_STEPS, spread
+        from restpg.embedding import spread
 
-        out = spread(out, df.sparkSession.sparkContext.defaultParallelism * PROGRESS_STEPS)
+        out = spread(out, progress_partitions(df.sparkSession.sparkContext.defaultParallelism, n_prompts, max(1, max_rows // m)))
     return out.mapInPandas(job, schema)

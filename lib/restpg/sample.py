@@ -90,7 +90,6 @@ def _format_stats(spark, settings: Settings, slice_: dict) -> dict:
 def _sample_chunk(spark, settings: Settings, inputs, chunk: list[str], *, variant: str, iteration: int, policy: str,
                   run_id: str) -> tuple[int, int, int]:
     """Sample and commit one chunk of examples; (rows made, tokens made, table version)."""
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from restpg import generation
@@ -106,13 +105,11 @@ def _sample_chunk(spark, settings: Settings, inputs, chunk: list[str], *, varian
                     "reasoning", "response", "has_separator", "format_ok", "format_issue", "n_tokens", "finished",
                     "reasoning_forced",
                     "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
-            .persist(StorageLevel.MEMORY_AND_DISK))  # sampled once, however often the merge reads its source
-    try:
-        made = rows.agg(F.count("*").alias("n"), F.sum("n_tokens").alias("tokens")).first()
-        version = catalog.merge(spark, settings, rows, "trajectories", run_id,
-                                slice_={"variant": variant, "iteration": iteration})
-    finally:
-        rows.unpersist()
+            # sampled once, here: Delta's MERGE plans its source anew and so ran the sampling again when
+            # it was only persisted (the generation UDF answered every prompt twice)
+            .localCheckpoint())
+    made = rows.agg(F.count("*").alias("n"), F.sum("n_tokens").alias("tokens")).first()
+    version = catalog.merge(spark, settings, rows, "trajectories", run_id, slice_={"variant": variant, "iteration": iteration})
     return made.n, made.tokens or 0, version
 
 

@@ -185,7 +185,7 @@ def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows:
     cfg = settings.evaluate
     out = generation.generate_df(prompts_df.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
                                  top_p=cfg.top_p, iteration=-2, seed=settings.sample.seed,
-                                 counter=counter, **generation.limits(settings, variant))
+                                 counter=counter, n_prompts=len(gen), **generation.limits(settings, variant))
     # the gate checks what the reward sees in the policy's text, not whether the policy stopped in time:
     # a response cut at its budget is scored as it stands (the format rule is the filter's and evaluation's)
     respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", True).response, "string")
