@@ -85,7 +85,14 @@ def test_mlflow_model_uri_resolves_to_the_checkpoint_inside(tiny_dir, fresh_sett
 
     assert models.resolve_ref("models:/tiny-policy@champion", fresh_settings) == "models:/tiny-policy/1"
     local = models.checkpoint_dir("models:/tiny-policy@champion", fresh_settings)
-    assert (local / "config.json").exists() and local.is_relative_to(fresh_settings.home_dir / "models")
+    # a local file store is read in place: the version's own artifacts, no downloaded copy
+    artifacts = mlflow.MlflowClient().get_model_version_download_uri("tiny-policy", "1")
+    assert (local / "config.json").exists() and local.is_relative_to(artifacts)
+    assert not (fresh_settings.home_dir / "models" / "mlflow").exists()
+    with mlflow.start_run() as run:  # any other URI is downloaded, once, under the home
+        mlflow.log_artifacts(str(tiny_dir), "weights")
+    copied = models.checkpoint_dir(f"runs:/{run.info.run_id}/weights", fresh_settings)
+    assert (copied / "config.json").exists() and copied.is_relative_to(fresh_settings.home_dir / "models" / "mlflow")
     model, _ = models.load_causal_lm("models:/tiny-policy/1", fresh_settings)
     reference, _ = models.load_causal_lm(str(tiny_dir), fresh_settings)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
