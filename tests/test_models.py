@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
 
@@ -78,6 +80,8 @@ def test_mlflow_model_uri_resolves_to_the_checkpoint_inside(tiny_dir, fresh_sett
             return model_input
 
     setup_mlflow(fresh_settings)
+    # the run's experiment, as a pipeline stage has it: its artifact location is a file:// URI under the home
+    mlflow.set_experiment(fresh_settings.mlflow.experiment)
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="policy", python_model=Checkpoint(), artifacts={"checkpoint": str(tiny_dir)},
                                 registered_model_name="tiny-policy", pip_requirements=[])
@@ -86,8 +90,11 @@ def test_mlflow_model_uri_resolves_to_the_checkpoint_inside(tiny_dir, fresh_sett
     assert models.resolve_ref("models:/tiny-policy@champion", fresh_settings) == "models:/tiny-policy/1"
     local = models.checkpoint_dir("models:/tiny-policy@champion", fresh_settings)
     # a local file store is read in place: the version's own artifacts, no downloaded copy
-    artifacts = mlflow.MlflowClient().get_model_version_download_uri("tiny-policy", "1")
+    location = mlflow.MlflowClient().get_model_version_download_uri("tiny-policy", "1")
+    assert location.startswith("file:")
+    artifacts = Path(url2pathname(urlparse(location).path))
     assert (local / "config.json").exists() and local.is_relative_to(artifacts)
+    assert artifacts.is_relative_to(fresh_settings.home_dir / "mlruns")
     assert not (fresh_settings.home_dir / "models" / "mlflow").exists()
     with mlflow.start_run() as run:  # any other URI is downloaded, once, under the home
         mlflow.log_artifacts(str(tiny_dir), "weights")
