@@ -122,7 +122,7 @@ def test_score_counts_a_format_failure_as_an_empty_response(spark, home):
              "format_issue": None if ok else prompts.LENGTH_CAP, "n_tokens": 12, "finished": ok}
             for e, ok in (("ex-1", True), ("ex-2", False))]
     write_rows(spark, home, "eval_predictions", rows, slice_={"ablation": "hand"})
-    evaluate.score(spark, home, "rest_pg", "test", "hand", run_id="t")
+    evaluate.score(spark, home, ["rest_pg"], "test", "hand", run_id="t")
     scores = catalog.read_slice(spark, home, "eval_scores", {"ablation": "hand"}).toPandas().set_index("example_id")
     assert scores.loc["ex-1", "rouge1"] == pytest.approx(1.0) and scores.loc["ex-1", "meteor"] > 0.9
     assert scores.loc["ex-1", "judge_score"] > 0.5
@@ -151,6 +151,10 @@ def test_run_evaluates_final_policies_within_their_budgets(spark, home, tiny, ve
     assert preds[preds.variant == "rest_pg"].n_tokens.max() > budget["sft"]
 
     scores = catalog.read_slice(spark, home, "eval_scores", {"ablation": "", "split": "test"}).toPandas()
+    # every variant's answers (and scores) of a chunk are one Spark job and one commit, not one per variant
+    for table in ("eval_predictions", "eval_scores"):
+        history = spark.sql(f"DESCRIBE HISTORY delta.`{catalog.ref(home, table).path}`").collect()
+        assert sum(h.operation == "MERGE" and '"e1"' in (h.userMetadata or "") for h in history) == 1, table
     merged = preds.merge(scores, on=["variant", "example_id"])
     assert len(merged) == len(preds)
     failed = merged[~merged.format_ok.astype(bool)]
@@ -234,3 +238,19 @@ def test_max_examples_caps_the_evaluated_examples_lowest_ids_first(spark, home):
     ids = sorted(r.example_id for r in evaluate.evaluation_examples(spark, capped, "test").collect())
     assert ids == sorted(TEST)[:2]
     assert sorted(r.example_id for r in evaluate.evaluation_examples(spark, home, "test").collect()) == sorted(TEST)
+
+
+def test_sparse_eval_answers_the_variants_that_share_inputs_in_one_job_per_size(spark, home, versions):
+    """sft and rest_pg read the same cut profiles: at each size their answers are one commit (and their
+    scores another); every variant is scored on every example at every size, under the size's ablation."""
+    from restpg import sparse_eval
+
+    result = sparse_eval.run(spark, home, run_id="sparse", sizes="0,all", variants=["sft", "rest_pg"])
+    assert result["sizes"] == ["profile_size=0", "profile_size=all"]
+    for table in ("eval_predictions", "eval_scores"):
+        rows = catalog.read(spark, home, table).where(F.col("ablation").startswith("profile_size=")).toPandas()
+        assert sorted(zip(rows.ablation, rows.variant, rows.example_id)) == sorted(
+            (a, v, e) for a in result["sizes"] for v in versions for e in TEST), table
+        history = spark.sql(f"DESCRIBE HISTORY delta.`{catalog.ref(home, table).path}`").collect()
+        assert sum(h.operation == "MERGE" and '"sparse"' in (h.userMetadata or "") for h in history) == 2, table
+    assert set(result["judge_score"]) == {f"{a}/{v}" for a in result["sizes"] for v in versions}

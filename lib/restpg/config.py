@@ -167,7 +167,7 @@ class EvaluateConfig:
     split: str = _f("test", "split evaluated")
     max_examples: int = _f(0, "cap on the examples evaluated per split, lowest example ids first, as data.max_examples (0 = all)")
     alpha: float = _f(0.05, "significance level of the paired t-test")
-    chunk_examples: int = _f(64, "examples per committed chunk of predictions and of scores (a killed run keeps every finished chunk)")
+    chunk_examples: int = _f(64, "answers (system x example) per committed chunk of predictions and of scores, all systems of a chunk in one Spark job and one MERGE (a killed run keeps every finished chunk)")
 
 
 @dataclass

@@ -53,34 +53,45 @@ def registry_version(uri: str) -> str | None:
     return tail if tail.isdigit() else None
 
 
-def _standing(spark, settings: Settings, name: str, slice_: dict, stands, force: bool, run_id: str):
-    """example_id of the slice's rows that still stand (`stands(rows)` keeps them), or None when the table
-    does not exist yet. Rows that do not stand are removed first (all of them with `force`), so the
-    chunks that follow only ever insert."""
+def _standing(spark, settings: Settings, name: str, slice_: dict, labels: list[str], stands, force: bool, run_id: str):
+    """(variant, example_id) of the rows of these systems (`variant` in `labels`) in the slice that still
+    stand (`stands(rows)` keeps them), or None when the table does not exist yet. A system whose rows do
+    not all stand has the others removed first (all of them with `force`), so the chunks that follow only
+    ever insert."""
+    from pyspark.sql import functions as F
+
     if not catalog.exists(spark, settings, name):
         return None
-    rows = catalog.read_slice(spark, settings, name, slice_)
+    rows = catalog.read_slice(spark, settings, name, slice_).where(F.col("variant").isin(labels))
     kept = rows.limit(0) if force else stands(rows)
-    if force or kept.count() < rows.count():
-        catalog.replace_slice(spark, settings, kept, name, slice_, run_id)
-        return catalog.read_slice(spark, settings, name, slice_).select("example_id")
-    return kept.select("example_id")
+    have = {r.variant: r.n for r in rows.groupBy("variant").count().withColumnRenamed("count", "n").collect()}
+    good = {r.variant: r.n for r in kept.groupBy("variant").count().withColumnRenamed("count", "n").collect()}
+    for label in sorted(v for v, n in have.items() if good.get(v, 0) < n):
+        catalog.replace_slice(spark, settings, kept.where(F.col("variant") == label), name, {**slice_, "variant": label}, run_id)
+    return catalog.read_slice(spark, settings, name, slice_).where(F.col("variant").isin(labels)) if have != good else kept
 
 
-def _commit_chunks(ids: list[str], size: int, label: str, commit) -> int | None:
-    """`commit(chunk)` for each chunk of `size` ids, with a progress line; the last version written."""
+def _commit_chunks(pairs: list[tuple[str, str]], size: int, label: str, commit) -> int | None:
+    """`commit(chunk)` for each chunk of `size` (system, example_id) pairs, with a progress line; the last
+    version written."""
     version, started = None, time.time()
-    for start in range(0, len(ids), size):
-        chunk = ids[start:start + size]
+    for start in range(0, len(pairs), size):
+        chunk = pairs[start:start + size]
         version = commit(chunk)
-        progress(label, start + len(chunk), len(ids), started)
+        progress(label, start + len(chunk), len(pairs), started)
     return version
 
 
-def _missing(df, standing) -> list[str]:
-    """Sorted example ids of `df` without a standing row (only ids come to the driver)."""
-    ids = df.select("example_id")
-    return sorted(r.example_id for r in (ids if standing is None else ids.join(standing, "example_id", "left_anti")).collect())
+def _missing(ids, labels: list[str], standing) -> list[tuple[str, str]]:
+    """Sorted (system, example_id) pairs of `labels` × the example ids of `ids` without a standing row
+    (only ids come to the driver)."""
+    wanted = sorted(r.example_id for r in ids.select("example_id").distinct().collect())
+    have = set() if standing is None else {(r.variant, r.example_id) for r in standing.select("variant", "example_id").collect()}
+    return [(v, e) for v in labels for e in wanted if (v, e) not in have]
+
+
+def _systems_label(labels) -> str:
+    return labels[0] if len(labels) == 1 else f"{len(labels)} systems"
 
 
 def evaluation_examples(spark, settings: Settings, split: str):
@@ -91,97 +102,111 @@ def evaluation_examples(spark, settings: Settings, split: str):
     return examples
 
 
-def predict(spark, settings: Settings, variant: str, policy: str, split: str, ablation: str, run_id: str,
+def predict(spark, settings: Settings, policies: dict[str, str], split: str, ablation: str, run_id: str,
             force: bool = False, examples=None) -> int:
-    """`policy` answers every example of `split` → the (ablation, variant, split) slice of eval_predictions,
-    committed in chunks of `evaluate.chunk_examples` (insert-only MERGE). Answers by another model version
-    are replaced; a rerun (after a kill) answers only the examples still missing; `force` answers all again."""
+    """Each system of `policies` (its label, which names its variant, → the model URI that answers) answers
+    every example of `split` → its (ablation, variant, split) slice of eval_predictions. The answers are
+    committed in chunks of `evaluate.chunk_examples` answers, each chunk one Spark job over all its systems
+    and one insert-only MERGE. Answers by another model version are replaced; a rerun (after a kill)
+    answers only the examples still missing; `force` answers all again."""
+    from functools import reduce
+
     from pyspark.sql import functions as F
 
     from restpg import generation
 
-    cfg, slice_ = settings.evaluate, {"ablation": ablation, "variant": variant, "split": split}
+    cfg, slice_, labels = settings.evaluate, {"ablation": ablation, "split": split}, list(policies)
     # `examples` replaces the split's rows, e.g. with profiles cut short (restpg.sparse_eval)
     examples = examples if examples is not None else evaluation_examples(spark, settings, split)
-    standing = _standing(spark, settings, "eval_predictions", slice_, lambda rows: rows.where(F.col("model_version") == policy),
-                         force, run_id)
-    parse = F.udf(lambda text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)
+    answered_by = spark.createDataFrame(list(policies.items()), "variant string, _policy string")
+    standing = _standing(spark, settings, "eval_predictions", slice_, labels,
+                         lambda rows: rows.join(F.broadcast(answered_by), "variant")
+                         .where(F.col("model_version") == F.col("_policy")).drop("_policy"), force, run_id)
+    parse = F.udf(lambda variant, text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)
 
-    refine = refines_at_evaluation(settings, variant)
+    def answer(inputs, variant: str, iteration: int):
+        return generation.generate_df(inputs.select("example_id", "prompt"), policies[variant], settings, m=1,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, iteration=iteration,
+                                      seed=settings.sample.seed, **generation.limits(settings, variant))
 
-    def answer(inputs, iteration: int):
-        return generation.generate_df(inputs.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, iteration=iteration, seed=settings.sample.seed,
-                                      **generation.limits(settings, variant))
-
-    def commit(chunk: list[str]) -> int:
-        part = examples.where(F.col("example_id").isin(chunk))
+    def answers(variant: str, ids: list[str]):
+        part = examples.where(F.col("example_id").isin(ids))
         inputs = policy_prompts(spark, settings, part, variant)
-        if refine:  # PAT trained to revise its merged reasoning: a first pass writes one, the second revises it
-            first = answer(inputs, -2).withColumn("parsed", parse("text", "finished"))
+        if refines_at_evaluation(settings, variant):  # PAT trained to revise its merged reasoning: a first pass writes one
+            first = answer(inputs, variant, -2).withColumn("parsed", parse(F.lit(variant), "text", "finished"))
             cut = F.udf(lambda r: merged_part(r, settings.prompt.max_item_chars), "string")
             previous = (first.where("parsed.format_ok").select("example_id", cut("parsed.reasoning").alias("previous"))
                         .where(F.col("previous") != "").localCheckpoint())
             inputs = policy_prompts(spark, settings, part, variant, previous=previous)
-        out = answer(inputs, -1)
-        rows = (out.withColumn("parsed", parse("text", "finished"))
+        return (answer(inputs, variant, -1).withColumn("variant", F.lit(variant))
                 .join(inputs.select("example_id", "template_version"), "example_id")
-                .join(part.select("example_id", "task", "user_id"), "example_id")
-                .select(F.lit(ablation).alias("ablation"), F.lit(variant).alias("variant"), F.lit(policy).alias("model_version"),
+                .join(part.select("example_id", "task", "user_id"), "example_id"))
+
+    def commit(chunk: list[tuple[str, str]]) -> int:
+        systems = sorted({v for v, _ in chunk}, key=labels.index)
+        out = reduce(lambda a, b: a.unionByName(b), [answers(v, [e for w, e in chunk if w == v]) for v in systems])
+        rows = (out.join(F.broadcast(answered_by), "variant").withColumn("parsed", parse("variant", "text", "finished"))
+                .select(F.lit(ablation).alias("ablation"), "variant", F.col("_policy").alias("model_version"),
                         F.lit(split).alias("split"), "example_id", "task", "user_id", F.col("text").alias("raw_text"),
                         "parsed.reasoning", "parsed.response", "parsed.format_ok", "parsed.format_issue", "n_tokens",
                         "finished", "reasoning_forced", "template_version", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at")))
         return catalog.merge(spark, settings, rows, "eval_predictions", run_id, slice_=slice_)
 
-    version = _commit_chunks(_missing(examples, standing), cfg.chunk_examples, f"evaluate {variant} on {split}: predictions", commit)
+    version = _commit_chunks(_missing(examples, labels, standing), cfg.chunk_examples,
+                             f"evaluate {_systems_label(labels)} on {split}: predictions", commit)
     return version if version is not None else catalog.version(spark, settings, "eval_predictions")
 
 
 def _lexical(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     for pdf in batches:
         r = [metrics.rouge(p, t) for p, t in zip(pdf["response"], pdf["target"])]
-        yield pd.DataFrame({"example_id": pdf["example_id"], "rouge1": [x["rouge1"] for x in r],
+        yield pd.DataFrame({"variant": pdf["variant"], "example_id": pdf["example_id"], "rouge1": [x["rouge1"] for x in r],
                             "rougeL": [x["rougeL"] for x in r],
                             "meteor": [metrics.meteor(p, t) for p, t in zip(pdf["response"], pdf["target"])]})
 
 
-def score(spark, settings: Settings, variant: str, split: str, ablation: str, run_id: str, force: bool = False) -> int:
-    """Judge score, ROUGE and METEOR of one eval_predictions slice → the same slice of eval_scores,
-    committed in chunks like `predict`. A score stands when it has the configured reward kind and was
-    made for the prediction now in the slice (same model version, scored after it was written).
-    A format failure is scored as the empty response it stands for: 0 on every metric."""
+def score(spark, settings: Settings, labels: list[str], split: str, ablation: str, run_id: str, force: bool = False) -> int:
+    """Judge score, ROUGE and METEOR of these systems' eval_predictions slices → the same slices of
+    eval_scores, committed in chunks like `predict` (one Spark job and one MERGE per chunk, all systems
+    together). A score stands when it has the configured reward kind and was made for the prediction now
+    in the slice (same model version, scored after it was written). A format failure is scored as the
+    empty response it stands for: 0 on every metric."""
     from pyspark.sql import functions as F
 
     from restpg.rewards import add_rewards
 
-    slice_ = {"ablation": ablation, "variant": variant, "split": split}
-    preds = (catalog.read_slice(spark, settings, "eval_predictions", slice_)
+    slice_, labels = {"ablation": ablation, "split": split}, list(labels)
+    preds = (catalog.read_slice(spark, settings, "eval_predictions", slice_).where(F.col("variant").isin(labels))
              .withColumn("response", F.when(F.col("format_ok"), F.coalesce("response", F.lit(""))).otherwise(F.lit(""))))
     examples = catalog.read(spark, settings, "examples").select("example_id", "input", "target")
-    written = preds.select("example_id", F.col("model_version").alias("_model"), F.col("created_at").alias("_predicted"))
+    written = preds.select("variant", "example_id", F.col("model_version").alias("_model"), F.col("created_at").alias("_predicted"))
 
     def stands(rows):
-        return (rows.join(written, "example_id")
+        return (rows.join(written, ["variant", "example_id"])
                 .where((F.col("model_version") == F.col("_model")) & (F.col("created_at") >= F.col("_predicted"))
                        & (F.col("reward_kind") == kind_label(settings)))
                 .drop("_model", "_predicted"))
 
-    standing = _standing(spark, settings, "eval_scores", slice_, stands, force, run_id)
+    standing = _standing(spark, settings, "eval_scores", slice_, labels, stands, force, run_id)
+    have = set() if standing is None else {(r.variant, r.example_id) for r in standing.select("variant", "example_id").collect()}
+    todo = sorted(((r.variant, r.example_id) for r in preds.select("variant", "example_id").collect()),
+                  key=lambda p: (labels.index(p[0]), p[1]))
 
-    def commit(chunk: list[str]) -> int:
-        joined = preds.where(F.col("example_id").isin(chunk)).join(examples, "example_id")
-        lexical = joined.select("example_id", "response", "target").mapInPandas(
-            _lexical, "example_id string, rouge1 double, rougeL double, meteor double")
+    def commit(chunk: list[tuple[str, str]]) -> int:
+        pairs = spark.createDataFrame(chunk, "variant string, example_id string")
+        joined = preds.join(F.broadcast(pairs), ["variant", "example_id"]).join(examples, "example_id")
+        lexical = joined.select("variant", "example_id", "response", "target").mapInPandas(
+            _lexical, "variant string, example_id string, rouge1 double, rougeL double, meteor double")
         rewarded = add_rewards(spark, settings, joined.select("ablation", "variant", "model_version", "split", "example_id",
                                                               "task", "input", "target", "response"))
-        rows = rewarded.join(lexical, "example_id").select(
+        rows = rewarded.join(lexical, ["variant", "example_id"]).select(
             "ablation", "variant", "model_version", "split", "example_id", "task", "reward_kind",
             F.when(F.col("response") == "", F.lit(0.0)).otherwise(F.col("reward")).alias("judge_score"),
             "rouge1", "rougeL", "meteor", F.lit(run_id).alias("run_id"), F.current_timestamp().alias("created_at"))
         return catalog.merge(spark, settings, rows, "eval_scores", run_id, slice_=slice_)
 
-    version = _commit_chunks(_missing(preds, standing), settings.evaluate.chunk_examples,
-                             f"evaluate {variant} on {split}: scores", commit)
+    version = _commit_chunks([p for p in todo if p not in have], settings.evaluate.chunk_examples,
+                             f"evaluate {_systems_label(labels)} on {split}: scores", commit)
     return version if version is not None else catalog.version(spark, settings, "eval_scores")
 
 
@@ -241,8 +266,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
                 for v in check_variants(names)}
     for variant, policy in policies.items():
         say(f"evaluate {variant} on {split}: {policy}")
-        predict(spark, settings, variant, policy, split, ablation, run_id, force=force)
-        score(spark, settings, variant, split, ablation, run_id, force=force)
+    predict(spark, settings, policies, split, ablation, run_id, force=force)
+    score(spark, settings, list(policies), split, ablation, run_id, force=force)
     summary, tests = summarize(spark, settings, split, ablation, run_id)
     outputs = output_report(spark, settings, split, ablation, list(policies))
     plot = reward_plot(spark, settings, split, ablation)

@@ -159,12 +159,12 @@ def validation_scores(spark, settings: Settings, policies: dict[str, str], run_i
     stored = stored_scores(spark, settings)
     missing = {v: variant for v, variant in policies.items()
                if registry.model_uri(settings, v) not in set(stored["model_version"])}
-    for version, variant in missing.items():
-        uri, label = registry.model_uri(settings, version), f"{variant}:v{version}"
-        say(f"promote: scoring {uri} ({variant}) on {settings.promote.split}")
-        evaluate.predict(spark, settings, label, uri, settings.promote.split, ABLATION, run_id)
-        evaluate.score(spark, settings, label, settings.promote.split, ABLATION, run_id)
+    systems = {f"{variant}:v{version}": registry.model_uri(settings, version) for version, variant in missing.items()}
+    for label, uri in systems.items():
+        say(f"promote: scoring {uri} ({label.split(':')[0]}) on {settings.promote.split}")
     if missing:
+        evaluate.predict(spark, settings, systems, settings.promote.split, ABLATION, run_id)
+        evaluate.score(spark, settings, list(systems), settings.promote.split, ABLATION, run_id)
         stored = stored_scores(spark, settings)
     return {v: (stored[stored["model_version"] == registry.model_uri(settings, v)]
                 .groupby(["example_id", "task"], as_index=False)["judge_score"].mean())

@@ -131,9 +131,13 @@ def run(spark, settings: Settings, *, run_id: str, sizes: str = "0,1,2,all", var
         ablation, cut = label(size), cut_examples(spark, settings, split, size)
         for variant, policy in policies.items():
             say(f"sparse_eval {ablation}: {variant} ({policy})")
-            evaluate.predict(spark, settings, variant, policy, split, ablation, run_id,
+        own = {v: p for v, p in policies.items() if not V.uses_peers(v)}  # they read the same inputs: one job
+        if own:
+            evaluate.predict(spark, settings, own, split, ablation, run_id, examples=cut)
+        for variant in policies.keys() - own.keys():
+            evaluate.predict(spark, settings, {variant: policies[variant]}, split, ablation, run_id,
                              examples=inputs_for(spark, settings, cut, variant, items))
-            evaluate.score(spark, settings, variant, split, ablation, run_id)
+        evaluate.score(spark, settings, list(policies), split, ablation, run_id)
         summary, _ = evaluate.summarize(spark, settings, split, ablation, run_id)
         summaries.append(summary)
     table = pd.concat(summaries, ignore_index=True)
