@@ -162,7 +162,7 @@ def validation_scores(spark, settings: Settings, policies: dict[str, str], run_i
     systems = {f"{variant}:v{version}": registry.model_uri(settings, version) for version, variant in missing.items()}
     for label, uri in systems.items():
         say(f"promote: scoring {uri} ({label.split(':')[0]}) on {settings.promote.split}")
-    if missing:
+    if systems:
         evaluate.predict(spark, settings, systems, settings.promote.split, ABLATION, run_id)
         evaluate.score(spark, settings, list(systems), settings.promote.split, ABLATION, run_id)
         stored = stored_scores(spark, settings)

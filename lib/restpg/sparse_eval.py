@@ -134,7 +134,7 @@ def run(spark, settings: Settings, *, run_id: str, sizes: str = "0,1,2,all", var
         own = {v: p for v, p in policies.items() if not V.uses_peers(v)}  # they read the same inputs: one job
         if own:
             evaluate.predict(spark, settings, own, split, ablation, run_id, examples=cut)
-        for variant in policies.keys() - own.keys():
+        for variant in [v for v in policies if v not in own]:  # in the caller's order, not a set's
             evaluate.predict(spark, settings, {variant: policies[variant]}, split, ablation, run_id,
                              examples=inputs_for(spark, settings, cut, variant, items))
         evaluate.score(spark, settings, list(policies), split, ablation, run_id)
