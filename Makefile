@@ -25,13 +25,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/restpg pipeline
 
-# The whole suite: unit, Spark stage tests, end-to-end runs with the packaged models.
+# The whole suite: unit, Spark stage tests, end-to-end runs with the packaged models. Two pytest workers
+# (pytest-xdist), each with its own local Spark session; a test file stays on one worker, so a module's
+# shared fixture (an upstream pipeline home) is built once. Prints the 15 slowest tests.
+XDIST ?= -n 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 -m "not faults" tests
+	$(BIN)/python -m pytest -q $(XDIST) --dist loadfile --durations=15 -m "not faults" tests
 
 # The fault suite: every long stage killed with SIGKILL and run again, malformed inputs, no tracking store (~8 min).
+# Its cases spread over both workers (each builds the shared upstream home once).
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=10 -m faults tests/test_faults.py
+	$(BIN)/python -m pytest -q $(XDIST) --dist load --durations=10 -m faults tests/test_faults.py
 
 # The Spark-, Delta- and MLflow-touching tests on the lowest supported Databricks runtime's versions
 # (requirements-compat.txt): only those packages go into .venv-compat; everything else (torch, the

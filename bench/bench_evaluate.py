@@ -26,10 +26,11 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="a config override, as `restpg --set`")
     args = parser.parse_args()
 
-    from restpg import catalog, config, evaluate, registry, runtime
+    from restpg import budgets, catalog, config, evaluate, registry, runtime
 
     settings = config.load_settings(args.profile, args.set, home=os.environ.get("RESTPG_HOME"))
     spark = runtime.get_spark(settings)
+    settings = budgets.resolve(spark, settings)  # a response budget sized from the data (`auto`), as the stages see it
     runtime.setup_mlflow(settings)
     policies = {f"{v}:bench": registry.final_policy(settings, v, settings.loop.iterations) for v in settings.loop.variants}
 

@@ -87,6 +87,8 @@ SELECT variant, task, count(*) AS outputs,
        sum(CASE WHEN format_issue = 'empty_reasoning' THEN 1 ELSE 0 END) AS empty_reasoning,
        sum(CASE WHEN format_issue = 'empty_response' THEN 1 ELSE 0 END) AS empty_response,
        sum(CASE WHEN format_issue = 'length_cap' THEN 1 ELSE 0 END) AS length_cap,
+       sum(CASE WHEN format_issue = 'forced_separator' THEN 1 ELSE 0 END) AS forced_separator,
+       sum(CASE WHEN format_issue = 'double_separator' THEN 1 ELSE 0 END) AS double_separator,
        round(avg(n_tokens), 1) AS mean_generated_tokens,
        round(avg(CASE WHEN format_ok AND reasoning IS NOT NULL THEN size(filter(split(reasoning, '\\s+'), w -> w != '')) END), 1) AS mean_reasoning_words,
        round(avg(CASE WHEN format_ok THEN size(filter(split(response, '\\s+'), w -> w != '')) END), 1) AS mean_response_words

@@ -159,7 +159,8 @@ ORDER BY run
 -- COMMAND ----------
 
 -- Format of the judged outputs per variant and iteration: outputs with a response to judge (format_ok) and
--- counts per format issue (no_separator, empty_reasoning, empty_response, length_cap: reward 0, never kept)
+-- counts per format issue (no_separator, empty_reasoning, empty_response, length_cap, forced_separator,
+-- double_separator: reward 0, never kept)
 -- chart: bar x=run y=outputs series=format title="Judged outputs by format issue"
 SELECT variant,
        iteration,

@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """`faults: N survived, M failed` after a run that included the fault suite (tests/test_faults.py).
+    A conftest hook, so that under pytest-xdist the controller, which sees every worker's reports, prints it."""
+    def faults(outcome):
+        return [r for r in terminalreporter.stats.get(outcome, []) if "faults" in getattr(r, "keywords", {})]
+
+    survived = [r for r in faults("passed") if r.when == "call"]
+    failed = faults("failed") + faults("error")
+    if survived or failed:
+        terminalreporter.write_line(f"faults: {len(survived)} survived, {len(failed)} failed")
+
+
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("restpg-home")

@@ -37,10 +37,12 @@ def make_tiny_lm(path: Path, seed: int = 0) -> Path:
 
 
 def tiny_overrides(tiny: str, m: int = 3) -> list[str]:
-    """A local profile shrunk to seconds per stage, every model the tiny one."""
-    return [f"models.policy={tiny}", f"models.teacher={tiny}", f"models.judge={tiny}",
+    """A local profile shrunk to seconds per stage, every model the tiny one; the teacher the extractive one
+    (a random teacher's paths are all degenerate, so sft_data would keep none), with a reasoning budget
+    its slotted paths fit in the tiny tokenizer's short tokens."""
+    return [f"models.policy={tiny}", "models.teacher=extractive", f"models.judge={tiny}",
             "data.demo_users=1", "data.demo_profile_items=3", "loop.iterations=1", f"sample.m={m}",
-            "prompt.max_reasoning_tokens=16", "prompt.max_response_tokens=240", "sample.chunk_examples=1",
+            "prompt.max_reasoning_tokens=96", "prompt.max_response_tokens=240", "sample.chunk_examples=1",
             "prompt.max_input_tokens=200", "train.steps=2", "train.eval_every=2", "train.selection_examples=2",
             "train.device=cpu", "train.length_buckets=[256, 512]", "filter.tau=-1.0", "filter.max_kept_per_input=2",
             "validate.allow_unfit_reward=true", "validate.examples=4"]

@@ -144,7 +144,7 @@ def test_run_evaluates_final_policies_within_their_budgets(spark, home, tiny, ve
     budget["rest_pg"] += max(0, separator - prompts.SEPARATOR_ALLOWANCE)
     for r in preds.itertuples():
         assert 0 <= r.n_tokens <= budget[r.variant], (r.variant, r.n_tokens)
-        parsed = prompts.parse_output(r.variant, r.raw_text, r.finished)
+        parsed = prompts.parse_output(r.variant, r.raw_text, r.finished, bool(r.reasoning_forced))
         assert (r.reasoning, r.response, r.format_ok, r.format_issue) == astuple(parsed)
         assert r.model_version == result["policies"][r.variant]
     # the reasoning variant gets its reasoning budget on top of the response budget
@@ -168,6 +168,13 @@ def test_run_evaluates_final_policies_within_their_budgets(spark, home, tiny, ve
         assert sum(report["format_issues"].values()) == int((~mine.format_ok.astype(bool)).sum())
         assert set(report["format_issues"]) == set(prompts.FORMAT_ISSUES)
         assert report["mean_generated_tokens"] == pytest.approx(mine.n_tokens.mean())
+    # an answer whose separator the decoder wrote is unusable and counted twice: as its format issue and in
+    # forced_sep (the random tiny policy never writes the separator within a 4-token reasoning budget)
+    reasoning = preds[preds.variant == "rest_pg"]
+    assert reasoning.reasoning_forced.astype(bool).all()
+    assert (reasoning.format_issue == prompts.FORCED_SEPARATOR).all() and not reasoning.format_ok.astype(bool).any()
+    pg = result["outputs"]["rest_pg"]
+    assert pg["format_issues"][prompts.FORCED_SEPARATOR] == pg["reasoning_forced"] == len(reasoning)
     # one format rule for plain and reasoning outputs: only a cut (or empty) plain output is unusable
     plain = preds[preds.variant == "sft"]
     assert (plain.format_ok.astype(bool) == (plain.finished.astype(bool) & (plain.raw_text.str.strip() != ""))).all()

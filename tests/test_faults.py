@@ -1,7 +1,7 @@
 """Fault suite (issue 14): every long stage killed with SIGKILL after it committed a chunk, then run
 again, ends with exactly the rows of an uninterrupted run (no duplicate, no loss, the same texts);
 a corpus of malformed inputs never stops ingest; an unusable MLflow tracking store stops a stage
-with one line before any work. Prints ``faults: N survived, M failed``; `make test-faults` runs it.
+with one line before any work. Prints ``faults: N survived, M failed`` (tests/conftest.py); `make test-faults` runs it.
 
 One tiny upstream home (ingest → retrieve → sft_data → SFT → E-step samples, in this process) is
 copied for every case: the killed run is a real `restpg <stage>` process (its Spark JVM and Python
@@ -30,23 +30,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 RESTPG = Path(sys.executable).with_name("restpg")
 PROGRESS = re.compile(r": (\d+)/(\d+) \(")
-
-
-class Tally:
-    """Prints `faults: N survived, M failed` at the end of the session (the faults tests only)."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        def faults(outcome):
-            return [r for r in terminalreporter.stats.get(outcome, []) if "faults" in r.keywords]
-
-        survived = [r for r in faults("passed") if r.when == "call"]
-        terminalreporter.write_line(f"faults: {len(survived)} survived, {len(faults('failed')) + len(faults('error'))} failed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tally(request):
-    if not request.config.pluginmanager.has_plugin("faults-tally"):
-        request.config.pluginmanager.register(Tally(), "faults-tally")
 
 
 def overrides(tiny: str) -> list[str]:

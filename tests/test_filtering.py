@@ -1,5 +1,6 @@
 """The filter: well-formed outputs with reward ≥ τ, at most N per input; τ = 1.0 keeps what the judge
-scores 10; a format_ok = false output is never kept; nothing kept fails with the distribution."""
+scores 10; a format_ok = false output (a forced or doubled separator included) is never kept; nothing kept
+fails with the distribution and leaves the slice empty."""
 from __future__ import annotations
 
 import pytest
@@ -73,23 +74,30 @@ def test_tau_one_keeps_what_the_judge_scores_ten(spark, judged):
     kept = catalog.read_slice(spark, s, "training_sets", {"variant": "rest_pg", "iteration": 1}).toPandas()
     well_formed = [(ex, i, raw) for ex, i, raw, _, expected in REASONING_ROWS if expected[0]]
     assert sorted(zip(kept.example_id, kept.sample_index, kept.completion)) == well_formed
+    # the judge's "10" would pass tau = 1.0, but a forced or a doubled separator is never kept
+    assert not {("e2", 3), ("e2", 4)} & set(zip(kept.example_id, kept.sample_index))
     assert (kept.weight == 1.0).all() and set(kept.source) == {"trajectory"} and set(kept.run_id) == {"filter"}
     prompts_ = policy_prompts(spark, s, catalog.read(spark, s, "examples"), "rest_pg").toPandas().set_index("example_id")
     assert all(p == prompts_.prompt[ex] for ex, p in zip(kept.example_id, kept.prompt))
     assert set(kept.template_version) == set(prompts_.template_version)
-    assert report["samples"] == 6 and report["passed"] == report["kept"] == 2
-    assert report["pass_rate"] == pytest.approx(2 / 6, abs=1e-4)
+    assert report["samples"] == 8 and report["passed"] == report["kept"] == 2
+    assert report["pass_rate"] == pytest.approx(2 / 8, abs=1e-4)
     assert report["inputs_with_kept"] == 2 and report["tau"] == 1.0
-    assert report["format_issues"] == {"no_separator": 1, "empty_reasoning": 1, "empty_response": 1, "length_cap": 1}
-    assert report["format_ok_rate"] == pytest.approx(2 / 6, abs=1e-4)
+    assert report["format_issues"] == {"no_separator": 1, "empty_reasoning": 1, "empty_response": 1, "length_cap": 1,
+                                       "forced_separator": 1, "double_separator": 1}
+    assert report["format_ok_rate"] == pytest.approx(2 / 8, abs=1e-4)
     assert report["per_task"]["product_review"] == {"samples": 3, "passed": 1, "pass_rate": pytest.approx(1 / 3, abs=1e-4)}
 
 
-def test_nothing_passed_reports_the_distribution(spark, judged):
+def test_nothing_passed_reports_the_distribution_and_leaves_no_training_set(spark, judged):
     strict = make_settings(judged.home_dir, f"models.judge={judged.models.judge}", "judge.reward=llm", "filter.tau=2.0")
-    with pytest.raises(filtering.NothingPassed, match=r"tau=2.0 .*2 well-formed; no_separator=1.*"
-                                                      r"min/25%/50%/75%/90%/max = 1.000.*filter.tau=1.00"):
-        filtering.run(spark, strict, variant="rest_pg", iteration=1, run_id="strict")
+    slice_ = {"variant": "rest_pg", "iteration": 1}
+    filtering.run(spark, judged, **slice_, run_id="earlier")  # an earlier filter's rows, no longer passing
+    assert catalog.read_slice(spark, judged, "training_sets", slice_).count() == 2
+    with pytest.raises(filtering.NothingPassed, match=r"tau=2.0 .*2 well-formed; no_separator=1.*forced_separator=1, "
+                                                      r"double_separator=1.*min/25%/50%/75%/90%/max = 1.000.*filter.tau=1.00"):
+        filtering.run(spark, strict, **slice_, run_id="strict")
+    assert catalog.read_slice(spark, judged, "training_sets", slice_).count() == 0  # training on it fails clearly
 
 
 def test_missing_judge_scores_name_the_stage(spark, judged):

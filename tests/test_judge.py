@@ -22,7 +22,12 @@ REASONING_ROWS = [
     ("e2", 1, f"- signs with a first name{SEP}{EMAIL}", False, (False, "length_cap", "", "- signs with a first name")),
     # the reasoning quotes the expected output; only the unrelated response may be judged
     ("e2", 2, f"- {EMAIL}{SEP}{UNRELATED}", True, (True, None, UNRELATED, f"- {EMAIL}")),
+    # well-formed to read, but the decoder wrote the separator (FORCED): a cut reasoning; and a second separator
+    ("e2", 3, f"- signs with a first name{SEP}{EMAIL}", True, (False, "forced_separator", "", "- signs with a first name")),
+    ("e2", 4, f"- signs with a first name{SEP}{EMAIL}{SEP}{EMAIL}", True,
+     (False, "double_separator", "", "- signs with a first name")),
 ]
+FORCED = {("e2", 3)}  # (example, sample) whose separator the decoder wrote (trajectories.reasoning_forced)
 # plain variants: the whole text is the response; empty or cut at the cap is unusable, as for reasoning variants
 PLAIN_ROWS = [("e1", 0, KETTLE, True, (True, None, KETTLE, None)), ("e1", 1, "", True, (False, "empty_response", "", None)),
               ("e2", 0, f"- x{SEP}{EMAIL}", True, (True, None, f"- x{SEP}{EMAIL}".strip(), None)),
@@ -38,7 +43,8 @@ def trajectory_rows(variant: str, rows, iteration: int = 1) -> list[dict]:
     task = {e["example_id"]: e["task"] for e in examples()}
     # the sampler's own split columns say something else: the judge must not read them
     return [{"variant": variant, "iteration": iteration, "example_id": ex, "task": task[ex], "sample_index": i,
-             "raw_text": raw, "finished": fin, "response": KETTLE, "reasoning": None, "has_separator": True}
+             "raw_text": raw, "finished": fin, "reasoning_forced": (ex, i) in FORCED, "response": KETTLE,
+             "reasoning": None, "has_separator": True}
             for ex, i, raw, fin, _ in rows]
 
 
@@ -80,6 +86,12 @@ def test_output_format_from_raw_text_and_finished(variant, rows):
     assert (out.raw_text == pdf.raw_text).all()  # the input columns stay
 
 
+def test_a_null_reasoning_forced_reads_as_not_forced():
+    """Rows sampled before trajectories had reasoning_forced read it as null: parsed as the policy's own separator."""
+    pdf = pd.DataFrame(trajectory_rows("rest_pg", REASONING_ROWS[:1] * 2)).assign(reasoning_forced=[None, float("nan")])
+    assert judge.with_output_format(pdf, "rest_pg").format_ok.tolist() == [True, True]
+
+
 def test_embedding_judge_scores_the_response_only(spark, home):
     s = make_settings(home, "judge.reward=embedding")
     report = judge.run(spark, s, variant="rest_pg", iteration=1, run_id="judge-test")
@@ -94,9 +106,10 @@ def test_embedding_judge_scores_the_response_only(spark, home):
     assert out.response_chars.tolist() == [len(e[2]) for e in expected]
     assert out.reasoning_chars.tolist() == [len(e[3] or "") for e in expected]
     assert set(out.reward_kind) == {"embedding"} and set(out.run_id) == {"judge-test"}
-    assert report["format_issues"] == {"no_separator": 1, "empty_reasoning": 1, "empty_response": 1, "length_cap": 1}
-    assert report["format_ok_rate"] == pytest.approx(2 / 6, abs=1e-4) and report["rows"] == 6
-    assert report["mean_reward"] == pytest.approx(sum(cosines) / 6, abs=1e-5)
+    assert report["format_issues"] == {"no_separator": 1, "empty_reasoning": 1, "empty_response": 1, "length_cap": 1,
+                                       "forced_separator": 1, "double_separator": 1}
+    assert report["format_ok_rate"] == pytest.approx(2 / 8, abs=1e-4) and report["rows"] == 8
+    assert report["mean_reward"] == pytest.approx(sum(cosines) / 8, abs=1e-5)
 
 
 def test_llm_judge_on_reasoning_and_plain_variants(spark, home, tiny_dir, tmp_path):
@@ -116,7 +129,11 @@ def test_llm_judge_on_reasoning_and_plain_variants(spark, home, tiny_dir, tmp_pa
     assert em.format_ok.tolist() == [True, False, True, False]
     assert em.format_issue.where(em.format_issue.notna(), None).tolist() == [None, "empty_response", None, "length_cap"]
     assert em.reward.tolist() == [1.0, 0.0, 1.0, 0.0] and em.score.isna().tolist() == [False, True, False, True]
-    assert report["format_ok_rate"] == pytest.approx(2 / 6, abs=1e-4) and report["reward_kind"] == "llm"
+    assert report["format_ok_rate"] == pytest.approx(2 / 8, abs=1e-4) and report["reward_kind"] == "llm"
+    # a forced or a doubled separator gets 0 unjudged, though the judge scores its text 10 when well-formed
+    bad = pg.set_index(["example_id", "sample_index"]).loc[[("e2", 3), ("e2", 4)]]
+    assert bad.format_issue.tolist() == ["forced_separator", "double_separator"]
+    assert (bad.reward == 0.0).all() and bad.score.isna().all()
 
 
 def test_missing_trajectories_name_the_stage(spark, home):

@@ -235,9 +235,11 @@ def test_reward_histogram_png(tmp_path):
 def _predictions():
     rows = [  # variant, format_ok, format_issue, n_tokens, reasoning, response, reasoning_forced
         ("rest_pg", True, None, 10, "likes tea", "Great kettle", False),
-        ("rest_pg", True, None, 14, "short sentences, warm tone", "Boils fast and quiet", True),
+        ("rest_pg", True, None, 14, "short sentences, warm tone", "Boils fast and quiet", False),
         ("rest_pg", False, "no_separator", 18, None, "", False),
-        ("rest_pg", False, "length_cap", 18, "a long reasoning that never ends", "", True),
+        ("rest_pg", False, "length_cap", 18, "a long reasoning that never ends", "", False),
+        ("rest_pg", False, "forced_separator", 16, "a reasoning cut at its budget", "", True),
+        ("rest_pg", False, "double_separator", 14, "notes", "", False),
         ("sft", True, None, 5, None, "Nice one", None),
         ("sft", True, None, 7, None, "", None),
     ]
@@ -246,16 +248,18 @@ def _predictions():
 
 
 @pytest.mark.parametrize("variant, key, expected", [
-    ("rest_pg", "outputs", 4),
-    ("rest_pg", "format_ok_rate", 0.5),
-    ("rest_pg", "format_issues", {"no_separator": 1, "empty_reasoning": 0, "empty_response": 0, "length_cap": 1}),
+    ("rest_pg", "outputs", 6),
+    ("rest_pg", "format_ok_rate", 2 / 6),
+    ("rest_pg", "format_issues", {"no_separator": 1, "empty_reasoning": 0, "empty_response": 0, "length_cap": 1,
+                                  "forced_separator": 1, "double_separator": 1}),
     ("rest_pg", "mean_generated_tokens", 15.0),
-    ("rest_pg", "reasoning_forced", 2),
+    ("rest_pg", "reasoning_forced", 1),
     ("sft", "reasoning_forced", 0),
     ("rest_pg", "mean_reasoning_words", 3.0),      # (2 + 4) / 2: format-ok outputs only
     ("rest_pg", "mean_response_words", 3.0),       # (2 + 4) / 2
     ("sft", "format_ok_rate", 1.0),
-    ("sft", "format_issues", {"no_separator": 0, "empty_reasoning": 0, "empty_response": 0, "length_cap": 0}),
+    ("sft", "format_issues", {"no_separator": 0, "empty_reasoning": 0, "empty_response": 0, "length_cap": 0,
+                              "forced_separator": 0, "double_separator": 0}),
     ("sft", "mean_reasoning_words", None),         # plain variants have no reasoning
     ("sft", "mean_response_words", 1.0),           # (2 + 0) / 2
 ])
@@ -276,9 +280,11 @@ def test_format_output_report():
     text = metrics.format_output_report(metrics.output_report(_predictions()))
     lines = text.splitlines()
     assert "words" in lines[0] and "format_ok" in lines[1] and "length_cap" in lines[1]
-    row = dict(zip(["variant", "outputs", "format_ok", "no_separator", "empty_reasoning", "empty_response", "length_cap",
-                    "forced_sep", "gen_tokens", "reasoning_words", "response_words"], lines[3].split()))
-    assert row == {"variant": "rest_pg", "outputs": "4", "format_ok": "50.0%", "no_separator": "1", "empty_reasoning": "0",
-                   "empty_response": "0", "length_cap": "1", "forced_sep": "2", "gen_tokens": "15.0",
-                   "reasoning_words": "3.0", "response_words": "3.0"}
-    assert lines[2].split()[9] == "-"  # sft: no reasoning
+    columns = ["variant", "outputs", "format_ok", "no_separator", "empty_reasoning", "empty_response", "length_cap",
+               "forced_separator", "double_separator", "forced_sep", "gen_tokens", "reasoning_words", "response_words"]
+    assert lines[1].split() == columns[1:]
+    row = dict(zip(columns, lines[3].split()))
+    assert row == {"variant": "rest_pg", "outputs": "6", "format_ok": "33.3%", "no_separator": "1", "empty_reasoning": "0",
+                   "empty_response": "0", "length_cap": "1", "forced_separator": "1", "double_separator": "1",
+                   "forced_sep": "1", "gen_tokens": "15.0", "reasoning_words": "3.0", "response_words": "3.0"}
+    assert dict(zip(columns, lines[2].split()))["reasoning_words"] == "-"  # sft: no reasoning

@@ -3,7 +3,7 @@ response after the separator, and its SFT start is teacher dual reasoning on the
 import pytest
 
 from helpers import example_row, make_settings, write_rows
-from restpg import catalog, pat_sft, policy_inputs, prompts, variants
+from restpg import catalog, pat_sft, policy_inputs, prompts, sft_data, variants
 
 
 def test_pat_is_an_em_variant_with_its_own_sft_start_and_peers():
@@ -33,15 +33,16 @@ def test_pat_prompt_asks_for_style_topic_merge_then_the_separator():
 
 
 def test_teacher_prompt_shows_cues_input_and_target_and_ends_in_style():
-    head, items, tail = pat_sft.teacher_parts("Review a kettle.", "Great kettle.", ["(own) a\nb", "(topic cue) c"], 200)
+    head, items, tail = prompts.teacher_parts("Review a kettle.", "Great kettle.", ["(own) a\nb", "(topic cue) c"], 200,
+                                              name=pat_sft.TEMPLATE)
     assert items == ["(own) a b | ", "(topic cue) c | "]
     assert "Review a kettle." in tail and "Great kettle." in tail and tail.rstrip().endswith("Style:")
 
 
 @pytest.mark.slow
 def test_pat_sft_writes_dual_paths_and_iteration_zero_on_pat_prompts(spark, tiny, tmp_path):
-    s = make_settings(tmp_path / "home", f"models.policy={tiny}", f"models.teacher={tiny}", "prompt.max_input_tokens=900",
-                      "prompt.max_reasoning_tokens=16", "prompt.max_response_tokens=40", "reason.copy_threshold=1.0")
+    s = make_settings(tmp_path / "home", f"models.policy={tiny}", "models.teacher=extractive", "prompt.max_input_tokens=900",
+                      "prompt.max_reasoning_tokens=96", "prompt.max_response_tokens=40", "reason.copy_threshold=1.0")
     rows = [example_row("t1", "u1", target="The quick brown fox."), example_row("t2", "u2", target="A lazy dog."),
             example_row("v1", "u3", split="val", target="10 apples.")]
     write_rows(spark, s, "examples", rows)
@@ -56,8 +57,10 @@ def test_pat_sft_writes_dual_paths_and_iteration_zero_on_pat_prompts(spark, tiny
     paths = {r.example_id: r for r in catalog.read_slice(spark, s, "reasoning_paths", pat_sft.path_slice(s)).collect()}
     assert set(paths) == {"t1", "t2"}  # the training inputs only
     assert all(p.reasoning.startswith("Style:") and p.template_version.startswith("teacher_pat@v1#") for p in paths.values())
+    assert all(sft_data.degeneracy(p.reasoning, prompts.SLOTS["teacher_pat"]) is None and p.finished for p in paths.values())
     train = {r.example_id: r for r in catalog.read_slice(spark, s, "training_sets", {"variant": "pat", "iteration": 0}).collect()}
-    assert report["rows"] == len(train) and report["inputs"] == 2 and set(train) <= {"t1", "t2"}
+    assert report["rows"] == len(train) == 2 and report["inputs"] == 2 and set(train) == {"t1", "t2"}
+    assert report["truncated_share"] == 0 and report["finished_share"] == 1
     for eid, r in train.items():
         assert r.template_version.startswith("policy_pat@v1#") and "own item of" in r.prompt
         reasoning, response, found = prompts.split_reasoning(r.completion)
@@ -137,13 +140,13 @@ def test_refinement_prompts_carry_the_best_well_formed_merged_reasoning_into_tra
     assert kept["t2"].prompt == prompts_["t2"].prompt and kept["t2"].template_version == plain
 
 
-def test_teacher_path_gets_the_prefix_once(spark):
+@pytest.mark.parametrize("raw, expected", [
+    ("terse, upbeat.", "Style: terse, upbeat."), ("Style: terse.\nTopic: price.", "Style: terse.\nTopic: price."), ("", "")])
+def test_teacher_path_gets_the_prefix_once(raw, expected):
     """The PAT teacher's prompt ends with "Style:"; a chat-tuned teacher often answers "Style: …" itself,
     which must not become "Style: Style: …"."""
-    from pyspark.sql import functions as F
+    from restpg.reason import slotted
 
-    from restpg.reason import with_prefix
+    assert slotted(raw, prompts.SLOTS["teacher_pat"], False)[0] == expected
 
-    df = spark.createDataFrame([("terse, upbeat.",), ("Style: terse.\nTopic: price.",), ("",)], "text string")
-    got = [r[0] for r in df.select(with_prefix(F.col("text"), "Style:")).collect()]
-    assert got == ["Style: terse, upbeat.", "Style: terse.\nTopic: price.", ""]
+

@@ -52,7 +52,7 @@ def full_keys() -> list[tuple]:
     return [(e, j) for e in TRAIN for j in range(M)]
 
 
-@pytest.mark.parametrize("variant, raw, finished, expected", [
+@pytest.mark.parametrize("variant, raw, finished, expected, forced", [(*case, False) for case in [
     ("rest_em", "  A fine kettle.  ", True, (None, "A fine kettle.", False, True, None)),
     ("rest_em", "  A fine kettle.  ", False, (None, "", False, False, prompts.LENGTH_CAP)),  # cut: as for rest_pg
     ("rest_em", "  ", True, (None, "", False, False, prompts.EMPTY_RESPONSE)),
@@ -62,20 +62,33 @@ def full_keys() -> list[tuple]:
     ("rest_pg", "A fine kettle.", True, (None, "", False, False, prompts.NO_SEPARATOR)),
     ("rest_pg", f"{prompts.SEPARATOR}A fine kettle.", True, ("", "", True, False, prompts.EMPTY_REASONING)),
     ("rest_pg", f"Likes tea.{prompts.SEPARATOR}  ", True, ("Likes tea.", "", True, False, prompts.EMPTY_RESPONSE)),
+    # a second separator: the response does not end where the format says
+    ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.{prompts.SEPARATOR}Again.", True,
+     ("Likes tea.", "", True, False, prompts.DOUBLE_SEPARATOR)),
+    ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.{prompts.SEPARATOR}", True,
+     ("Likes tea.", "", True, False, prompts.DOUBLE_SEPARATOR)),
+]] + [
+    # the decoder wrote the separator (reasoning budget or an early end): unusable however whole it reads
+    ("rest_pg", f"Likes tea.{prompts.SEPARATOR}A fine kettle.", True, ("Likes tea.", "", True, False, prompts.FORCED_SEPARATOR), True),
+    ("rest_pg", f"{prompts.SEPARATOR}A fine kettle.", True, ("", "", True, False, prompts.FORCED_SEPARATOR), True),
+    ("rest_em", "  A fine kettle.  ", True, (None, "A fine kettle.", False, True, None), True),  # plain: no separator to force
 ])
-def test_parse_frame_stores_the_output_parse(variant, raw, finished, expected):
-    got = sample.parse_frame(variant, pd.Series([raw]), pd.Series([finished])).iloc[0]
+def test_parse_frame_stores_the_output_parse(variant, raw, finished, expected, forced):
+    got = sample.parse_frame(variant, pd.Series([raw]), pd.Series([finished]), pd.Series([forced])).iloc[0]
     got = tuple(None if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in got)
     assert got == expected
 
 
 def test_with_parse_adds_typed_columns_in_spark(spark):
-    df = spark.createDataFrame([("a", f"Likes tea.{prompts.SEPARATOR}A kettle.", True), ("b", "no marker", True)],
-                               "example_id string, text string, finished boolean")
+    df = spark.createDataFrame([("a", f"Likes tea.{prompts.SEPARATOR}A kettle.", True, False), ("b", "no marker", True, False),
+                                ("c", f"Likes tea.{prompts.SEPARATOR}A kettle.", True, True)],
+                               "example_id string, text string, finished boolean, reasoning_forced boolean")
     out = {r.example_id: r for r in sample.with_parse(df, "rest_pg").collect()}
     assert (out["a"].reasoning, out["a"].response, out["a"].has_separator, out["a"].format_ok, out["a"].format_issue) == \
         ("Likes tea.", "A kettle.", True, True, None)
     assert (out["b"].response, out["b"].format_ok, out["b"].format_issue) == ("", False, prompts.NO_SEPARATOR)
+    assert (out["c"].response, out["c"].has_separator, out["c"].format_ok, out["c"].format_issue) == \
+        ("", True, False, prompts.FORCED_SEPARATOR)
     assert dict(sample.with_parse(df, "rest_pg").dtypes)["format_ok"] == "boolean"
 
 
@@ -152,10 +165,12 @@ def test_plain_and_reasoning_variants_have_separate_caps_and_a_parse(spark, home
     assert (plain.format_ok == (plain.finished & (plain.raw_text.str.strip() != ""))).all()
     assert (plain[plain.format_ok].response == plain[plain.format_ok].raw_text.str.strip()).all()
     assert set(plain[~plain.finished].format_issue) <= {prompts.LENGTH_CAP}
-    # a random model never writes the separator: the decoder writes it at the reasoning budget
+    # a random model never writes the separator: the decoder writes it at the reasoning budget, and such an
+    # output is never usable (reward 0, never kept), whatever follows the separator
     assert reasoning.has_separator.all() and reasoning.reasoning_forced.all() and reasoning.reasoning.notna().all()
-    assert (reasoning.format_issue.isna() | reasoning.format_issue.isin(prompts.FORMAT_ISSUES)).all()
-    assert not (reasoning.format_issue == prompts.NO_SEPARATOR).any()
+    assert (reasoning.format_issue == prompts.FORCED_SEPARATOR).all() and not reasoning.format_ok.any()
+    assert (reasoning.response == "").all()
+    assert reasoning_report["format_issues"][prompts.FORCED_SEPARATOR] == reasoning_report["reasoning_forced"] == len(reasoning)
 
 
 def test_each_prompt_is_sampled_once_per_chunk(spark, home, tiny, monkeypatch):

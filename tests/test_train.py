@@ -222,16 +222,20 @@ class ScriptedSelector:
         return self.rewards[len(self.states) - 1]
 
 
-@pytest.mark.parametrize("rewards, best", [([0.1, 0.3, 0.9, 0.9, 0.2], 2), ([0.8, 0.3, 0.1, 0.2, 0.8], 0)])
-def test_selection_keeps_the_step_with_the_best_reward(tokenizer, rewards, best):
+@pytest.mark.parametrize("rewards, best", [
+    ([0.1, 0.3, 0.9, 0.9, 0.2], 2),  # ties: the earlier step
+    ([0.8, 0.3, 0.1, 0.3, 0.2], 1),  # every trained step scores below the start: the best trained one is kept
+    ([0.8, 0.8, 0.1, 0.2, 0.8], 1),  # the start's reward is the baseline, never a rival
+])
+def test_selection_keeps_the_trained_step_with_the_best_reward(tokenizer, rewards, best):
     cfg = small_cfg(steps=8, eval_every=2, log_every=2)
     select, logged = ScriptedSelector(rewards), []
     model = make_model(tokenizer)
     result = trainer.fit(model, featurize(tokenizer, 8), cfg, pad_id=0, select=select,
                          log_metrics=lambda m, step: logged.append((step, m["selection_reward"])) if "selection_reward" in m else None)
     steps = [0, 2, 4, 6, 8]
-    assert result.curve == logged == list(zip(steps, rewards))  # step 0, every eval_every, the last
-    assert result.best_step == steps[best] and result.best_reward == rewards[best]  # ties: the earlier step
+    assert result.curve == logged == list(zip(steps, rewards))  # the step 0 baseline, every eval_every, the last
+    assert result.best_step == steps[best] > 0 and result.best_reward == rewards[best]
     assert result.initial_reward == rewards[0] and select.modes == [False] * 5
     kept = select.states[best]
     assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters())  # the model holds that state
@@ -255,7 +259,8 @@ class FormatSelector(ScriptedSelector):
 @pytest.mark.parametrize("rewards, ok_rates, best", [
     ([0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.25, 0.5, 0.5, 0.0], 2),  # equal rewards: more usable outputs win, then earlier
     ([0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], 4),   # nothing usable anywhere: the last step, not the start
-    ([0.2, 0.1, 0.0, 0.0, 0.0], [0.25, 1.0, 0.0, 0.0, 0.0], 0),  # the reward comes first
+    ([0.5, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0], 4),   # ... nor when only the start was usable
+    ([0.0, 0.2, 0.1, 0.0, 0.0], [1.0, 0.25, 1.0, 0.0, 0.0], 1),  # the reward comes first
 ])
 def test_selection_breaks_ties_by_format_and_never_keeps_an_unusable_start(tokenizer, rewards, ok_rates, best):
     select, logged = FormatSelector(rewards, ok_rates), []
@@ -267,6 +272,51 @@ def test_selection_breaks_ties_by_format_and_never_keeps_an_unusable_start(token
     assert [x for x in logged if x[1] is not None] == list(zip(steps, ok_rates))
     kept = select.states[best]
     assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters())
+
+
+class StartFavouring:
+    """Scores the untrained start above every trained state: 1.0 for the weights training started from,
+    else `inner` (minus a held-out NLL: below 0). Deterministic, so a resumed job sees the same rewards."""
+
+    def __init__(self, start_model, inner):
+        self.start = {n: p.detach().clone() for n, p in start_model.named_parameters()}
+        self.inner = inner
+
+    def __call__(self, model):
+        if all(torch.equal(p, self.start[n]) for n, p in model.named_parameters()):
+            return 1.0
+        return self.inner(model)
+
+
+def test_a_resumed_job_never_keeps_the_start_either(tokenizer, tmp_path):
+    cfg = small_cfg(steps=8, eval_every=2, checkpoint_every=3, log_every=1, lr=1e-2)
+    rows = featurize(tokenizer, 6)
+    select = StartFavouring(make_model(tokenizer), heldout_reward(tokenizer, featurize(tokenizer, 10)[6:]))
+    whole = make_model(tokenizer)
+    expected = trainer.fit(whole, rows, cfg, pad_id=0, select=select)
+    assert expected.curve[0] == (0, 1.0) == (0, expected.initial_reward)  # the start is scored, as the baseline
+    assert expected.best_step > 0 and expected.best_reward < 1.0 and expected.best_reward == max(r for _, r in expected.curve[1:])
+    assert select(whole) < 1.0  # the model holds a trained state
+
+    store = checkpoints.ResumeStore(tmp_path / "resume")
+    with pytest.raises(trainer.TrainingInterrupted):
+        trainer.fit(make_model(tokenizer), rows, cfg, pad_id=0, select=select, store=store, stop_after_steps=5)
+    saved = store.latest()
+    assert saved["step"] == 3 and saved["best"]["step"] == 2  # step 2 is the only trained step selected so far
+    resumed_model = make_model(tokenizer)
+    resumed = trainer.fit(resumed_model, rows, cfg, pad_id=0, select=select, store=store)
+    assert resumed.best_step == expected.best_step > 0 and resumed.initial_reward == 1.0
+    for p, q in zip(whole.parameters(), resumed_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+    # a resume state saved when the start could still win (best = step 0) is not followed back to the start
+    start = {n: p.detach().clone() for n, p in make_model(tokenizer).named_parameters()}
+    stale = checkpoints.ResumeStore(tmp_path / "stale")
+    stale.save({**saved, "best": {"step": 0, "reward": 1.0, "ok": 0.0, "params": start}})
+    from_stale_model = make_model(tokenizer)
+    from_stale = trainer.fit(from_stale_model, rows, cfg, pad_id=0, select=select, store=stale)
+    assert from_stale.resumed_from == 3 and from_stale.best_step in (4, 6, 8)  # step 2's weights were not saved
+    assert select(from_stale_model) < 1.0
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tokenizer, tmp_path):
@@ -431,11 +481,13 @@ def scripted_curve(calls, rewards, steps):
 
 
 def best_of(curve):
-    """(step, reward) of the highest reward; ties keep the earlier step; all 0 (for a scripted score: no
-    format-ok output at any step) keeps the last."""
-    if all(r == 0 for _, r in curve):
-        return curve[-1]
-    return max(curve, key=lambda point: (point[1], -point[0]))
+    """(step, reward) of the highest reward among the trained steps (step 0 is the baseline, never kept);
+    ties keep the earlier step; all 0 (for a scripted score: no format-ok output at any trained step) keeps
+    the last."""
+    trained = curve[1:]
+    if all(r == 0 for _, r in trained):
+        return trained[-1]
+    return max(trained, key=lambda point: (point[1], -point[0]))
 
 
 def training_row(variant, iteration, i, completion=None, weight=1.0):
@@ -521,7 +573,7 @@ def test_registered_checkpoint_is_the_selected_state(stage):
     model, tokenizer = models.load_causal_lm(result["model_uri"], settings)
     replay = []
     selection.Selector(sample, tokenizer, settings, "sft", scripted_score(replay, [0.0]))(model)
-    at = {0: 0, 3: 1, 6: 2}[result["best_step"]]
+    at = {3: 1, 6: 2}[result["best_step"]]
     assert replay[0]["responses"] == calls[at]["responses"]  # what the selected step wrote
     out = mlflow.pyfunc.load_model(result["model_uri"]).predict(["Write a review of a kettle."], params={"max_new_tokens": 4})
     assert len(out) == 1 and isinstance(out[0], str)
@@ -543,9 +595,9 @@ def test_restart_from_previous_starts_from_the_sampling_policy(stage, spark, tin
     curve = scripted_curve(calls, [0.5, 0.5, 0.5], [0, 3, 6])
     assert result["best_step"] == best_of(curve)[0]  # ties keep the earliest step
     # step 0 is the registered SFT model (its selected step), not the base policy (SFT's step 0)
-    at = {0: 0, 3: 1, 6: 2}[sft["best_step"]]
+    at = {3: 1, 6: 2}[sft["best_step"]]  # a trained step: SFT never hands on the base policy
     assert calls[0]["responses"] == sft_calls[at]["responses"]
-    assert at == 0 or calls[0]["responses"] != sft_calls[0]["responses"]
+    assert calls[0]["responses"] != sft_calls[0]["responses"]
 
 
 def test_run_with_two_workers_logs_the_single_process_curves(stage, spark):
@@ -633,3 +685,31 @@ def test_a_state_already_selected_in_this_process_is_not_generated_again(tiny, t
     assert len(calls) == 3
     selection.Selector(sample, tokenizer, settings, "sft", scripted_score([], [0.5]))(model)
     assert len(calls) == 3  # the other scorer was called, not this one
+
+
+def test_completion_window_gives_the_full_loss_and_gradients(tokenizer):
+    """Logits of the completion window only (trainer on CPU/CUDA): the same loss and gradients as the whole
+    sequence's logits, from fewer positions; rows whose prompts differ in length share one window."""
+    model = make_model(tokenizer)
+    features = featurize(tokenizer, 3)
+    b = data.collate(features, [1.0, 0.5, 2.0], [16, 32, 64, 128], pad_id=0)
+    window = objective.completion_window(b["labels"])
+    first = min(row.tolist().index(next(x for x in row.tolist() if x != data.IGNORE_INDEX)) for row in b["labels"])
+    assert window == b["labels"].shape[1] - first + 1 < b["labels"].shape[1]
+
+    def loss_and_grads(keep):
+        model.zero_grad(set_to_none=True)
+        labels = b["labels"][:, -keep:] if keep else b["labels"]
+        logits = model(input_ids=b["input_ids"], logits_to_keep=keep).logits
+        loss = objective.weighted_nll(logits, labels, b["weights"])
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), logits.shape[1]
+
+    full_loss, full_grads, full_width = loss_and_grads(0)
+    loss, grads, width = loss_and_grads(window)
+    assert width == window < full_width
+    assert torch.allclose(loss, full_loss, atol=1e-6) and torch.allclose(grads, full_grads, atol=1e-6)
+    # one position fewer misses the first completion token's prediction: the loss changes
+    short_loss, _, _ = loss_and_grads(window - 1)
+    assert not torch.isclose(short_loss, full_loss, atol=1e-6)
+    assert objective.completion_window(torch.full((2, 5), data.IGNORE_INDEX)) == 0

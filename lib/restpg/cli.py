@@ -38,6 +38,9 @@ class Stage:
     help: str
     args: tuple = ()
     aliases: tuple = ()
+    # False: the stage never reads the output budgets, or sizes them itself (pipeline after its ingest,
+    # estimate at the cap before one); every other stage gets `prompt.max_response_tokens: auto` resolved
+    budgets: bool = True
 
 
 # name → what it does and its arguments; the module restpg.<name> has run(spark, settings, *, run_id, ...).
@@ -45,10 +48,11 @@ STAGES = {
     "ingest": Stage("LongLaMP JSON lines / JSON / Parquet → examples (+ quarantine)", (
         arg("--source", required=True, help="file or Parquet directory"),
         arg("--task", default=None, help="product_review | abstract_generation | topic_writing | email_completion (else the record's 'task')"),
-        arg("--split", default=None, help="train | val | test (else the record's 'split', else by user hash)"))),
-    "retrieve": Stage("top-k items of each example's own profile → retrievals"),
-    "user_profiles": Stage("style (stylometric) and topic (embedding) vector per user from training-split texts → user_profiles"),
-    "peer_retrieve": Stage("PAT's style-cue and topic-context trajectories: items of k peers each → peer_retrievals"),
+        arg("--split", default=None, help="train | val | test (else the record's 'split', else by user hash)")), budgets=False),
+    "retrieve": Stage("top-k items of each example's own profile → retrievals", budgets=False),
+    "user_profiles": Stage("style (stylometric) and topic (embedding) vector per user from training-split texts → user_profiles",
+                           budgets=False),
+    "peer_retrieve": Stage("PAT's style-cue and topic-context trajectories: items of k peers each → peer_retrievals", budgets=False),
     "pat_sft": Stage("PAT's SFT start: teacher dual reasoning (style, topic, merged) → reasoning_paths, pat iteration 0 → training_sets"),
     "sparse_eval": Stage("evaluate variants and the random_peers control with own profiles cut to each size → eval_* tables + plot", (
         arg("--profile-size", dest="sizes", default="0,1,2,all", help="own-profile sizes, e.g. 0,1,2,all"),
@@ -81,11 +85,12 @@ STAGES = {
         arg("--m", dest="budgets", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
             help="exploration budgets for 'budget', e.g. 2,4,8")), aliases=("ablate",)),
     "estimate": Stage("generated tokens, judge passes, training tokens and hours of a run, per stage and EM iteration", (
-        arg("--bench", default=None, help="bench result JSON with the measured rates (default: the newest bench/results/*.json)"),)),
+        arg("--bench", default=None, help="bench result JSON with the measured rates (default: the newest bench/results/*.json)"),),
+        budgets=False),
     "pipeline": Stage("the whole run: ingest → retrieve → reason → SFT → validate → EM → evaluate → promote", (
         arg("--variants", type=lambda s: s.split(","), default=None, help="comma-separated variants (default from the profile)"),
         arg("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if complete")),
-        aliases=("run",)),
+        aliases=("run",), budgets=False),
 }
 ALIASES = {alias: name for name, stage in STAGES.items() for alias in stage.aliases}
 
@@ -137,11 +142,18 @@ def stage_arguments(name: str, args: argparse.Namespace) -> dict:
 
 
 def run_stage(name: str, spark, settings, **arguments) -> dict:
-    """restpg.<name>.run inside a tracked MLflow run (a child run when one is active)."""
+    """restpg.<name>.run inside a tracked MLflow run (a child run when one is active), with budgets sized
+    from the data (`prompt.max_response_tokens: auto`) resolved first for a stage that reads them."""
+    import mlflow
+
+    from restpg import budgets
     from restpg.tracking import stage_run
 
     module = importlib.import_module(f"restpg.{name}")
     with stage_run(settings, name, arguments) as log:
+        if STAGES[name].budgets and budgets.is_auto(settings):
+            settings = budgets.resolve(spark, settings)
+            mlflow.log_param("prompt.max_response_tokens", settings.prompt.max_response_tokens)
         return module.run(spark, settings, run_id=log.run_id, **arguments)
 
 
@@ -228,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingUnavailable as e:
         print(f"restpg: {e}", file=sys.stderr)
         return 2
-    result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
+    from restpg.budgets import Unresolved
+
+    try:
+        result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
+    except Unresolved as e:
+        print(f"restpg: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=1, default=str))
     return 0
 

@@ -16,10 +16,15 @@ from typing import Any
 import yaml
 
 
-def _f(default, help: str):
+def _f(default, help: str, **meta):
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+# An integer field whose metadata says `auto` also takes this word: a value sized from the data at run time
+# (restpg.budgets resolves it after ingest, before a stage that reads it runs).
+AUTO = "auto"
 
 
 @dataclass
@@ -52,7 +57,8 @@ class MlflowConfig:
 @dataclass
 class ModelsConfig:
     policy: str = _f("packaged:smollm2-135m-instruct", "base policy checkpoint (packaged:NAME, hub id, path or models:/ URI)")
-    teacher: str = _f("packaged:smollm2-135m-instruct", "teacher that writes reasoning paths")
+    teacher: str = _f("packaged:smollm2-135m-instruct", "teacher that writes reasoning paths: a model, or "
+                                                   "'extractive' (no model: the slots from measured facts of the items)")
     judge: str = _f("packaged:smollm2-135m-instruct", "LLM judge for the 'llm' reward")
     retriever: str = _f("packaged:all-minilm-l6-v2", "sentence embedding model for retrieval and the embedding reward")
     dtype: str = _f("float32", "inference dtype: float32 | bfloat16 | float16")
@@ -83,11 +89,20 @@ class PromptConfig:
     max_input_tokens: int = _f(5120, "prompt budget; the profile side is truncated first")
     max_item_chars: int = _f(600, "characters kept of one retrieved item in a prompt")
     max_reasoning_tokens: int = _f(512, "reasoning budget of reasoning variants (teacher paths, samples, evaluation, training)")
-    max_response_tokens: int = _f(1536, "response budget of every variant (samples, evaluation, training targets)")
+    max_response_tokens: int | str = _f(1536, "response budget of every variant (samples, evaluation, training targets); "
+                                              "'auto': sized from the ingested training targets (response_percentile, max_response_cap)",
+                                        auto=True)
+    response_percentile: float = _f(95.0, "max_response_tokens: auto holds this percent of the training targets (with "
+                                          "end-of-sequence) in the policy's tokens")
+    max_response_cap: int = _f(1536, "max_response_tokens: auto never exceeds this (decoding and training cost grow with it)")
 
 
 @dataclass
 class ReasonConfig:
+    max_input_tokens: int = _f(6144, "teacher prompt budget, its own: the teacher's instruction, the input and the "
+                                     "expected output take room the policy's prompt does not have (profile side cut first)")
+    max_target_chars: int = _f(6000, "characters of the expected output a teacher prompt shows (0: all); keep it above "
+                                     "the longest target that fits prompt.max_response_tokens")
     temperature: float = _f(0.7, "teacher sampling temperature (its length cap is prompt.max_reasoning_tokens)")
     top_p: float = _f(0.95, "teacher nucleus sampling")
     copy_ngram: int = _f(8, "n of the n-gram overlap used to flag copying of the expected output")
@@ -219,7 +234,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        hint = " (only prompt.max_response_tokens takes 'auto')" if value == AUTO else ""
+        raise ConfigError(f"{where}: expected an integer, got {value!r}{hint}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -246,8 +262,20 @@ def _build(cls, data: dict, where: str = ""):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) in {where or 'profile'}: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _value(fields[k], v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _value(f: dataclasses.Field, value: Any, tp: Any, where: str) -> Any:
+    """A field's value; an `auto` field (an integer or the word auto) takes exactly that word besides integers."""
+    if not f.metadata.get("auto"):
+        return _coerce(value, tp, where)
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected an integer or {AUTO!r} (sized from the training targets), got {value!r}")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -308,8 +336,13 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     for key in ("prompt.max_reasoning_tokens", "prompt.max_response_tokens", "train.steps", "train.num_workers", "sample.m"):
         section, name = key.split(".")
-        if getattr(getattr(s, section), name) < 1:
+        value = getattr(getattr(s, section), name)
+        if value != AUTO and value < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if not 0 < s.prompt.response_percentile <= 100:
+        raise ConfigError(f"prompt.response_percentile must be in (0, 100], got {s.prompt.response_percentile}")
+    if s.prompt.max_response_cap < 2:  # one target token and the end-of-sequence token
+        raise ConfigError("prompt.max_response_cap must be at least 2")
     for key in ("judge.style_weight", "judge.topic_weight"):
         if getattr(s.judge, key.split(".")[1]) < 0:
             raise ConfigError(f"{key} must be at least 0")

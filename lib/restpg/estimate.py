@@ -5,10 +5,13 @@ tokens and texts embedded, counted from the profile's settings and the run's dat
 table when it exists, else the demo data the profile would make), then wall time at the rates the
 last `make bench` measured (`bench/results/*.json`, key `rates`). Every output is counted at its
 length cap and every training row at prompt budget + output cap: the figures are upper bounds, and
-the rates are those of the benchmark's model on the benchmark's machine.
+the rates are those of the benchmark's model on the benchmark's machine. A response budget sized from the
+data (`prompt.max_response_tokens: auto`) is resolved from the `examples` table, and counted at its cap
+(`prompt.max_response_cap`) before there is one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,8 +194,20 @@ def totals(work: list[Work], rates: dict) -> dict:
             "hours_per_em_iteration": None if None in em or not em else round(sum(em) / 3600, 3)}
 
 
+def budgeted(spark, settings: Settings) -> Settings:
+    """`settings` with an `auto` response budget resolved from the examples table, or at its cap before ingest."""
+    from restpg import budgets, catalog
+
+    if budgets.is_auto(settings) and not catalog.exists(spark, settings, "examples"):
+        p = settings.prompt
+        say(f"estimate: no examples table yet: the auto response budget is counted at its cap, {p.max_response_cap} tokens")
+        return dataclasses.replace(settings, prompt=dataclasses.replace(p, max_response_tokens=p.max_response_cap))
+    return budgets.resolve(spark, settings)
+
+
 def run(spark, settings: Settings, *, run_id: str, bench: str | None = None) -> dict:
     """Prints the table of a whole run of the profile and returns its totals."""
+    settings = budgeted(spark, settings)
     counts = data_counts(spark, settings)
     rates, source = load_rates(Path(bench) if bench else latest_bench())
     work = plan(settings, counts)
@@ -204,4 +219,4 @@ def run(spark, settings: Settings, *, run_id: str, bench: str | None = None) -> 
     out = totals(work, rates)
     return {**out, "rates": rates, "rates_from": source, "train_inputs": counts.train_inputs,
             "splits": counts.split_inputs, "upper_bound": "outputs at their caps, training rows at prompt budget + cap",
-            "jobs": len(work), "iterations": settings.loop.iterations}
+            "jobs": len(work), "iterations": settings.loop.iterations, "max_response_tokens": settings.prompt.max_response_tokens}

@@ -4,12 +4,12 @@ the summary holds per-task and macro means and paired t-tests between variants.
 
 A policy answers within its variant's budget (`prompts.output_budget`: the response budget for plain
 variants, reasoning + response for reasoning variants) and every answer is checked with
-`prompts.parse_output`: an output whose format is not ok (no separator, empty part, cut at the length
-cap) counts as an empty response — judge score 0, ROUGE and METEOR 0 — so a variant cannot gain by
-rambling past its cap. A PAT policy trained with iterative refinement (`loop.pat_refine`, T ≥ 2) answers
-in two passes, as it was trained: the first writes a merged reasoning, the second prompt carries it
-(`policy_pat_refine`) and its answer is the prediction; an input whose first answer is malformed gets
-the plain PAT prompt again. The run also hands the promotion step its candidate: the version number of
+`prompts.parse_output`: an output whose format is not ok (no separator, a separator the decoder had to
+write or one written twice, an empty part, cut at the length cap) counts as an empty response — judge
+score 0, ROUGE and METEOR 0 — so a variant cannot gain by rambling past its cap. A PAT policy trained
+with iterative refinement (`loop.pat_refine`, T ≥ 2) answers in two passes, as it was trained: the
+first writes a merged reasoning, the second prompt carries it (`policy_pat_refine`) and its answer is
+the prediction; an input whose first answer is malformed gets the plain PAT prompt again. The run also hands the promotion step its candidate: the version number of
 the final policy of `candidate_variant(...)`, published as the task value `candidate_version`.
 """
 from __future__ import annotations
@@ -122,7 +122,8 @@ def predict(spark, settings: Settings, policies: dict[str, str], split: str, abl
     standing = _standing(spark, settings, "eval_predictions", slice_, labels,
                          lambda rows: rows.join(F.broadcast(answered_by), "variant")
                          .where(F.col("model_version") == F.col("_policy")).drop("_policy"), force, run_id)
-    parse = F.udf(lambda variant, text, finished: astuple(prompts.parse_output(variant, text, bool(finished))), PARSED)
+    parse = F.udf(lambda variant, text, finished, forced:
+                  astuple(prompts.parse_output(variant, text, bool(finished), bool(forced))), PARSED)
 
     def answer(inputs, variant: str, iteration: int):
         return generation.generate_df(inputs.select("example_id", "prompt"), policies[variant], settings, m=1,
@@ -133,7 +134,8 @@ def predict(spark, settings: Settings, policies: dict[str, str], split: str, abl
         part = examples.where(F.col("example_id").isin(ids))
         inputs = policy_prompts(spark, settings, part, variant)
         if refines_at_evaluation(settings, variant):  # PAT trained to revise its merged reasoning: a first pass writes one
-            first = answer(inputs, variant, -2).withColumn("parsed", parse(F.lit(variant), "text", "finished"))
+            first = (answer(inputs, variant, -2)
+                     .withColumn("parsed", parse(F.lit(variant), "text", "finished", "reasoning_forced")))
             cut = F.udf(lambda r: merged_part(r, settings.prompt.max_item_chars), "string")
             previous = (first.where("parsed.format_ok").select("example_id", cut("parsed.reasoning").alias("previous"))
                         .where(F.col("previous") != "").localCheckpoint())
@@ -145,7 +147,8 @@ def predict(spark, settings: Settings, policies: dict[str, str], split: str, abl
     def commit(chunk: list[tuple[str, str]]) -> int:
         systems = sorted({v for v, _ in chunk}, key=labels.index)
         out = reduce(lambda a, b: a.unionByName(b), [answers(v, [e for w, e in chunk if w == v]) for v in systems])
-        rows = (out.join(F.broadcast(answered_by), "variant").withColumn("parsed", parse("variant", "text", "finished"))
+        rows = (out.join(F.broadcast(answered_by), "variant")
+                .withColumn("parsed", parse("variant", "text", "finished", "reasoning_forced"))
                 .select(F.lit(ablation).alias("ablation"), "variant", F.col("_policy").alias("model_version"),
                         F.lit(split).alias("split"), "example_id", "task", "user_id", F.col("text").alias("raw_text"),
                         "parsed.reasoning", "parsed.response", "parsed.format_ok", "parsed.format_issue", "n_tokens",

@@ -1,6 +1,10 @@
 """Keep high-reward outputs (Algorithm 1, lines 7-9): well-formed outputs with reward ≥ τ, at most N per
-input, weight = reward → the training set of iteration t. An output whose format left no response to
-judge (format_ok = false) is never kept, whatever τ is."""
+input, weight = reward → the training set of iteration t. An output whose format is not ok (format_ok =
+false, decided by the judge with `prompts.parse_output`: no response to judge, a separator the decoder
+wrote or one written twice, cut at the cap) is never kept, whatever τ is.
+
+When nothing passes, the slice's training set is emptied and `NothingPassed` says why: an M-step never
+trains on an empty set, nor on an older filter's rows that the current scores no longer pass."""
 from __future__ import annotations
 
 from restpg import catalog
@@ -33,8 +37,9 @@ def nothing_passed_message(variant: str, iteration: int, tau: float, kind: str, 
     issues = ", ".join(f"{k}={v}" for k, v in format_issues.items() if v)
     head = f"no {variant} output of iteration {iteration} has reward >= tau={tau} ({kind} reward, {samples} samples"
     if not quantiles:
-        return (f"{head}, none well-formed: {issues}). Every output lacks a response to judge; give the policy room to "
-                f"finish (prompt.max_reasoning_tokens, prompt.max_response_tokens) or check the SFT data's separator.")
+        return (f"{head}, none well-formed: {issues}). No output has a response of its own to judge; give the policy "
+                f"room to finish (prompt.max_reasoning_tokens, prompt.max_response_tokens) or check the SFT data's "
+                f"separator (forced_separator: the decoder wrote it at the reasoning budget).")
     return (f"{head}, {samples - bad} well-formed{f'; {issues}' if issues else ''}; well-formed "
             f"min/25%/50%/75%/90%/max = {', '.join(f'{x:.3f}' for x in quantiles)}). Lower filter.tau "
             f"(e.g. --set filter.tau={quantiles[4]:.2f} keeps about the top 10%) or sample more (sample.m) "
@@ -61,6 +66,9 @@ def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str)
     if n_kept == 0:
         q = scored.where("format_ok").agg(F.expr(f"percentile(reward, array{QUANTILES})").alias("q")).first().q
         scored.unpersist()
+        if catalog.exists(spark, settings, "training_sets"):
+            empty = spark.createDataFrame([], catalog.spec("training_sets").struct())
+            catalog.replace_slice(spark, settings, empty, "training_sets", slice_, run_id)
         raise NothingPassed(nothing_passed_message(variant, iteration, tau, kind, total, q, formats["format_issues"]))
     examples = catalog.read(spark, settings, "examples").join(kept.select("example_id").distinct(), "example_id")
     previous = previous_reasoning(spark, settings, variant, iteration)  # the prompts the samples were drawn with

@@ -447,12 +447,12 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
                 max_new_tokens: int, iteration: int, seed: int, reasoning_tokens: int | None = None,
                 prompt_col: str = "prompt",
                 id_col: str = "example_id", chat: bool = False, max_rows: int = 64, with_worker_info: bool = False,
-                counter=None, n_prompts: int | None = None):
+                counter=None, n_prompts: int | None = None, budget: int | None = None):
     """m samples per row → rows (id, sample_index 0..m-1, seed, text, n_tokens, finished, reasoning_forced,
     prompt_truncated). Budgets as in `sample`.
 
     `prompt_col` is either the rendered prompt (string, used as is) or a struct (head, items, tail) that is
-    fitted to `settings.prompt.max_input_tokens` with the model's own tokenizer on the executor (and
+    fitted to `budget` (default `settings.prompt.max_input_tokens`) with the model's own tokenizer on the executor (and
     rendered with the chat template when `chat`); `prompt_truncated` reports which prompts lost profile.
     `with_worker_info` adds each row's worker pid and that worker's model-load count. `counter` (see
     `embedding.watch`) gets the prompts answered; with it the prompts are spread over up to `PROGRESS_STEPS`
@@ -475,7 +475,7 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
         ref=ref, env=models.worker_env(settings), id_col=id_col, m=m, iteration=iteration, seed=seed,
         params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                 "reasoning_tokens": reasoning_tokens, "max_rows": max_rows},
-        chat=chat, budget=settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,
+        chat=chat, budget=budget or settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,
         with_worker_info=with_worker_info, counter=counter,
     )
     df.sparkSession.sparkContext.setJobDescription(

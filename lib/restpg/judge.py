@@ -21,9 +21,12 @@ FORMAT_FIELDS = "reasoning string, response string, format_ok boolean, format_is
 
 
 def with_output_format(pdf: pd.DataFrame, variant: str) -> pd.DataFrame:
-    """Trajectory rows (raw_text, finished) + reasoning, response, format_ok, format_issue, recomputed from
-    the raw text so the judged response never depends on how the sampler split it."""
-    outs = [prompts.parse_output(variant, raw, bool(done)) for raw, done in zip(pdf["raw_text"], pdf["finished"])]
+    """Trajectory rows (raw_text, finished, reasoning_forced) + reasoning, response, format_ok, format_issue,
+    recomputed from the raw text so the judged response never depends on how the sampler split it (a null
+    reasoning_forced, from a row sampled before the column existed, counts as not forced)."""
+    forced = [bool(f) if pd.notna(f) else False for f in pdf["reasoning_forced"]]
+    outs = [prompts.parse_output(variant, raw, bool(done), was_forced)
+            for raw, done, was_forced in zip(pdf["raw_text"], pdf["finished"], forced)]
     return pdf.assign(reasoning=[o.reasoning for o in outs], response=[o.response for o in outs],
                       format_ok=[o.format_ok for o in outs], format_issue=[o.format_issue for o in outs])
 
@@ -94,7 +97,8 @@ def run(spark, settings: Settings, *, variant: str, iteration: int, run_id: str,
     kind = rewards.kind_label(settings)
     slice_ = {"variant": variant, "iteration": iteration}
     mine = {**slice_, "reward_kind": kind}
-    columns = ("variant", "iteration", "example_id", "task", "sample_index", "raw_text", "finished", "created_at")
+    columns = ("variant", "iteration", "example_id", "task", "sample_index", "raw_text", "finished", "reasoning_forced",
+               "created_at")
     traj = catalog.read_slice(spark, settings, "trajectories", slice_).select(*columns)
     if traj.limit(1).count() == 0:
         raise LookupError(f"no trajectories for variant={variant} iteration={iteration}: run `restpg sample` first")

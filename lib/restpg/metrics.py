@@ -294,7 +294,8 @@ def output_report(predictions) -> dict:
     excluded, over all outputs), and `mean_reasoning_words` / `mean_response_words` (whitespace-separated
     words, over the format-ok outputs only: a failed output's response is empty by definition; None
     when no output is ok) and `reasoning_forced` (outputs whose separator the decoder wrote: the
-    reasoning reached its budget or ended early). `predictions` has eval_predictions' variant,
+    reasoning reached its budget or ended early; such an output is not format_ok, and is counted under
+    forced_separator unless it had no separator at all). `predictions` has eval_predictions' variant,
     format_ok, format_issue, n_tokens, reasoning, response and (optionally) reasoning_forced columns."""
     from restpg.prompts import FORMAT_ISSUES
 
@@ -327,7 +328,8 @@ def format_output_report(report: dict) -> str:
     cols = ["outputs", "format_ok", *FORMAT_ISSUES, "forced_sep", "gen_tokens", "reasoning_words", "response_words"]
     label_w = max(12, *(len(v) for v in report)) if report else 12
     lines = ["Output format (words: whitespace-separated, over format-ok outputs; gen_tokens: policy tokens; "
-             "forced_sep: separators the decoder wrote at the reasoning budget)",
+             "forced_separator: format issue, the decoder wrote the separator; double_separator: the response holds it "
+             "again; forced_sep: every output whose separator the decoder wrote, at the reasoning budget or an early end)",
              " " * label_w + "".join(c.rjust(max(10, len(c) + 2)) for c in cols)]
     for variant, r in report.items():
         cells = [str(r["outputs"]), num(r["format_ok_rate"], ".1%"), *(str(r["format_issues"].get(i, 0)) for i in FORMAT_ISSUES),

@@ -6,7 +6,8 @@ ingest → retrieve → reason → sft_data (→ user_profiles → peer_retrieve
 a training job starts from, which model is the candidate) belongs to the stage; this module only orders
 them and skips a stage whose slice is complete for the same inputs and config (a fingerprint of the
 stage, its slice, its config and its upstream fingerprints), so a crashed run restarts where it
-stopped; `--force STAGE` redoes one.
+stopped; `--force STAGE` redoes one. A response budget sized from the data (`prompt.max_response_tokens:
+auto`, `restpg.budgets`) is resolved right after ingest, so every later stage and fingerprint sees the number.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import hashlib
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 
-from restpg import catalog, prompts
+from restpg import budgets, catalog, prompts
 from restpg import variants as V
 from restpg.config import Settings
 from restpg.tracking import say, stage_run
@@ -39,6 +41,7 @@ class Steps:
             raise ValueError(f"--force takes stage names ({', '.join(STAGES)}), not {', '.join(sorted(unknown))}")
         self.spark, self.settings, self.force = spark, settings, set(force)
         self.results: dict[str, dict] = {}
+        self.seconds: dict[str, float | None] = {}  # label → wall seconds of its run; None: skipped as complete
         self.fingerprints: list[str] = []
         self._runs: dict[tuple[str, str], tuple[str, str]] | None = None  # (stage, slice) → (fingerprint, result)
 
@@ -57,9 +60,11 @@ class Steps:
         fp = hashlib.sha1(json.dumps([stage, slice_, config, deps], sort_keys=True, default=str).encode()).hexdigest()[:16]
         done = self._done(stage, slice_)
         label = f"{stage} [{slice_}]" if slice_ else stage
+        started = time.time()
         if done is not None and done[0] == fp and stage not in self.force:
             say(f"skip {label}: complete for the same inputs and config")
             result = json.loads(done[1])
+            self.seconds[label] = None
         else:
             say(f"run {label}")
             with stage_run(self.settings, label, {"slice": slice_, "fingerprint": fp, **arguments}) as log:
@@ -71,6 +76,7 @@ class Steps:
 
                 mlflow.log_dict(result, "result.json")
             self._record(stage, slice_, fp, log, result)
+            self.seconds[label] = time.time() - started
         self.results[label] = result
         self.fingerprints.append(fp)
         return fp, result
@@ -140,6 +146,9 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     source, task = _source(s)
     fp_ingest, _ = steps.run("ingest", "", _source_identity(s, source, task), [], source=source, task=task)
     _require_training_inputs(spark, s, source)
+    # from here on every stage, and every fingerprint that holds s.prompt, sees the budgets sized from this ingest
+    s = steps.settings = budgets.resolve(spark, s)
+    mlflow.log_param("prompt.max_response_tokens", s.prompt.max_response_tokens)
     fp_ret, _ = steps.run("retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest])
     prompt_cfg = _cfg(s.prompt, s.data) | {"policy": s.models.policy,
                                            "templates": [prompts.template(t).version for t in prompts.TEMPLATES]}
@@ -149,7 +158,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     if sft_bases:
         data_deps = [fp_ret]
         if any(V.uses_reasoning(b) for b in sft_bases):
-            fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher}, [fp_ret],
+            fp_reason, _ = steps.run("reason", "", _cfg(s.reason, s.prompt, s.data) | {"teacher": s.models.teacher,
+                                     "paths": importlib.import_module("restpg.reason").path_slice(s)}, [fp_ret],
                                      fn=lambda rid, redo: importlib.import_module("restpg.reason").run(spark, s, run_id=rid, force=redo))
             data_deps.append(fp_reason)
         fp_data, _ = steps.run("sft_data", "", prompt_cfg | {"teacher": s.models.teacher}, data_deps, variants=sft_bases)
@@ -157,7 +167,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
     if any(V.uses_peers(b) for b in bases):  # PAT: user profiles → peers' style and topic cues → dual-reasoning SFT
         fp_prof, _ = steps.run("user_profiles", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_ingest])
         fp_peer, _ = steps.run("peer_retrieve", "", _cfg(s.retrieve) | {"retriever": s.models.retriever}, [fp_prof, fp_ret])
-        fp_pat, _ = steps.run("pat_sft", "", _cfg(s.reason) | prompt_cfg | {"teacher": s.models.teacher}, [fp_peer])
+        fp_pat, _ = steps.run("pat_sft", "", _cfg(s.reason) | prompt_cfg | {"teacher": s.models.teacher,
+                                     "paths": importlib.import_module("restpg.pat_sft").path_slice(s)}, [fp_peer])
         fp_data0.update({b: fp_pat for b in bases if V.uses_peers(b)})
     train_cfg = _cfg(s.train, s.evaluate, s.judge) | {"models": _cfg(s.models)}
     fp_model: dict[tuple[str, int], str] = {}
@@ -191,7 +202,7 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
         _, promotion = steps.run("promote", "", _cfg(s.promote, s.evaluate, s.judge), finals,
                                  candidate=str(evaluated.get("candidate_version") or "") or None)
     notebooks_out = _notebooks(spark, s, steps)
-    _report(steps, mean_reward, evaluated, promotion, notebooks_out, s)
+    _report(steps, mean_reward, evaluated, promotion, notebooks_out, s, budgets.describe(spark, settings))
     return {"results": steps.results}
 
 
@@ -215,17 +226,47 @@ def _fmt(x, spec=".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: Settings) -> None:
+def teacher_line(r: dict) -> str:
+    """The teacher's share of truncated prompts and of finished paths, from the `reason` stage's result."""
+    rows = r.get("rows") or 0
+    truncated, finished = r.get("truncated_share"), r.get("finished_share")
+    if truncated is None and rows:
+        truncated = (r.get("prompts_truncated") or 0) / rows
+    if finished is None and rows:
+        finished = 1 - (r.get("at_length_cap") or 0) / rows
+    return (f"Teacher reasoning paths: {rows}; prompts truncated {_fmt(truncated, '.0%')}, "
+            f"finished before the cap {_fmt(finished, '.0%')}")
+
+
+def times_lines(seconds: dict, width: int = 100) -> list[str]:
+    """"Stage times (s)": each stage label with its wall seconds (or "skipped"), packed into lines."""
+    cells = [f"{label.replace('variant=', '').replace('iteration=', '')} {'skipped' if t is None else f'{t:.0f}'}"
+             for label, t in seconds.items()]
+    total = sum(t for t in seconds.values() if t is not None)
+    lines, line = [], f"Stage times (s), {total:.0f} in all:"
+    for cell in cells:
+        if len(line) + 3 + len(cell) > width:
+            lines.append(line)
+            line = " "
+        line += f" {cell};"
+    return lines + [line.rstrip(";")]
+
+
+def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: Settings, budget_line: str = "") -> None:
     from restpg.rewards import kind_label
     from restpg.runtime import mlflow_uris
 
     lines = ["", "=" * 100, "restpg run — summary", ""]
-    lines.append("Training jobs (loss first → last step; selection reward of the start checkpoint → best step):")
+    if budget_line:
+        lines.append(budget_line)
+    if "reason" in steps.results:
+        lines.append(teacher_line(steps.results["reason"]))
+    lines.append("Training jobs (best step: the checkpoint kept; selection reward at step 0 → at the best step; loss first → last step):")
     for label, r in steps.results.items():
         if label.startswith("train"):
-            lines.append(f"  {label:36} {r.get('steps')} steps ({_fmt(r.get('epochs'), '.1f')} epochs, {r.get('train_rows')} rows, "
-                         f"{r.get('dropped_too_long', 0)} too long); loss {_fmt(r.get('first_loss'))} → {_fmt(r.get('final_loss'))}; "
-                         f"reward {_fmt(r.get('initial_reward'))} → {_fmt(r.get('best_reward'))} at step {r.get('best_step')}; "
+            lines.append(f"  {label:36} best step {r.get('best_step')} of {r.get('steps')} (reward {_fmt(r.get('initial_reward'))} → "
+                         f"{_fmt(r.get('best_reward'))}); loss {_fmt(r.get('first_loss'))} → {_fmt(r.get('final_loss'))}; "
+                         f"{_fmt(r.get('epochs'), '.1f')} epochs, {r.get('train_rows')} rows, {r.get('dropped_too_long', 0)} too long; "
                          f"{_fmt(r.get('tokens_per_s'), '.0f')} tok/s; {r.get('model_uri')}")
     for label, r in steps.results.items():
         if label.startswith("validate_reward"):
@@ -249,4 +290,5 @@ def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: S
     lines.append(f"Tables: {s.home_dir / 'warehouse'} (query: restpg sql \"SELECT * FROM restpg.eval_summary\")")
     lines.append(f"MLflow: {mlflow_uris(s)[0]}")
     lines.append(f"Plots: {evaluated.get('plot')}; notebook outputs: {notebooks_out}")
+    lines += times_lines(steps.seconds)
     print("\n".join(lines), flush=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -10,8 +9,11 @@ from importlib import resources
 from restpg import tasks, variants
 
 SEPARATOR = "\n=== Response ===\n"
-TEMPLATES = {"policy_reasoning": "v1", "policy_plain": "v1", "teacher_reasoning": "v1", "judge": "v2",
+TEMPLATES = {"policy_reasoning": "v2", "policy_plain": "v1", "teacher_reasoning": "v2", "judge": "v2",
              "policy_pat": "v1", "policy_pat_refine": "v1", "teacher_pat": "v1"}
+# The labelled one-line parts a reasoning path is made of, in order, by the teacher template that asks for them
+# (its prompt ends with the first label, so its answer continues it). `sft_data` leaves out a path without them.
+SLOTS = {"teacher_reasoning": ("Style:", "Topics:", "Plan:"), "teacher_pat": ("Style:", "Topic:", "Merged:")}
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,12 @@ def policy_parts(variant: str, task: str, input_text: str, item_texts: list[str]
     return head, format_items(item_texts, max_item_chars), tail
 
 
-def teacher_parts(input_text: str, target: str, item_texts: list[str], max_item_chars: int):
-    head, tail = template("teacher_reasoning").parts(input=input_text, target=target)
+def teacher_parts(input_text: str, target: str, item_texts: list[str], max_item_chars: int,
+                  max_target_chars: int = 0, name: str = "teacher_reasoning"):
+    """(head, items, tail) of a teacher prompt: items one line each, '|'-separated; the expected output cut
+    to `max_target_chars` (0: whole), so a long one cannot push the profile out of the teacher's budget."""
+    cut = target[:max_target_chars].rstrip() if max_target_chars and len(target) > max_target_chars else target
+    head, tail = template(name).parts(input=input_text, target=cut)
     return head, [t[:max_item_chars].replace("\n", " ").strip() + " | " for t in item_texts], tail
 
 
@@ -75,24 +81,17 @@ def join_reasoning(reasoning: str, response: str) -> str:
     return f"{reasoning.strip()}{SEPARATOR}{response.strip()}"
 
 
-# the end of a sentence (its closing quotes or brackets included; not a list number such as "3.") or of a line
-_COMPLETE_END = re.compile(r"(?<!^\d)(?<!^\d\d)[.!?][\"')\]]*(?=\s|$)|\n", re.M)
-
-
-def complete_part(text: str) -> str:
-    """`text` up to the end of its last complete sentence or line: what is left of a text that a length
-    cap cut off mid-thought ("" when it never finished one)."""
-    ends = [m.end() for m in _COMPLETE_END.finditer(text or "")]
-    return text[:ends[-1]].strip() if ends else ""
-
-
 # Why an output is unusable (format_ok = false: reward 0, never kept, an empty response at evaluation).
 # The paper's judge sees the response only; an output whose reasoning and response cannot be told apart,
 # that skipped the reasoning, or that has no response has nothing to judge. An output cut at the length
 # cap (plain or reasoning variant alike) never ended: kept, it would teach the policy not to stop, and
-# judged, it would let a variant gain by rambling past its budget.
+# judged, it would let a variant gain by rambling past its budget. A reasoning whose separator the decoder
+# wrote (it reached its budget or ended before one: `generation.Sample.forced`) is a cut or a failed
+# format that budget forcing only made look whole, and a response holding the separator again does not
+# end where the format says: kept, either would teach the policy exactly that.
 NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP = "no_separator", "empty_reasoning", "empty_response", "length_cap"
-FORMAT_ISSUES = (NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP)
+FORCED_SEPARATOR, DOUBLE_SEPARATOR = "forced_separator", "double_separator"
+FORMAT_ISSUES = (NO_SEPARATOR, EMPTY_REASONING, EMPTY_RESPONSE, LENGTH_CAP, FORCED_SEPARATOR, DOUBLE_SEPARATOR)
 
 
 @dataclass(frozen=True)
@@ -114,20 +113,23 @@ def output_budget(variant: str, max_reasoning_tokens: int, max_response_tokens: 
     return max_reasoning_tokens + SEPARATOR_ALLOWANCE + max_response_tokens
 
 
-def parse_output(variant: str, raw: str, finished: bool = True) -> Output:
+def parse_output(variant: str, raw: str, finished: bool = True, forced: bool = False) -> Output:
     """Split a policy output into reasoning and response and check its format.
 
     Every output must have stopped on its own (end-of-sequence) rather than at the length cap, the same
     rule for plain and reasoning variants so they compare like with like. Plain variants: the whole
-    text is the response and must not be empty. Reasoning variants also need the separator, a non-empty
-    reasoning before it and a non-empty response after it."""
+    text is the response and must not be empty. Reasoning variants also need the separator, written by
+    the policy itself (`forced`: the decoder wrote it) and only once, a non-empty reasoning before it and
+    a non-empty response after it. The first issue found is reported: no separator, forced, double,
+    empty reasoning, empty response, length cap."""
     raw = raw or ""
     if not uses_reasoning(variant):
         issue = EMPTY_RESPONSE if not raw.strip() else LENGTH_CAP if not finished else None
         return Output(None, "" if issue else raw.strip(), issue is None, issue)
     reasoning, response, found = split_reasoning(raw)
-    issue = (NO_SEPARATOR if not found else EMPTY_REASONING if not reasoning else EMPTY_RESPONSE if not response
-             else LENGTH_CAP if not finished else None)
+    issue = (NO_SEPARATOR if not found else FORCED_SEPARATOR if forced
+             else DOUBLE_SEPARATOR if SEPARATOR.strip() in response else EMPTY_REASONING if not reasoning
+             else EMPTY_RESPONSE if not response else LENGTH_CAP if not finished else None)
     if issue:
         return Output(reasoning, "", False, issue)
     return Output(reasoning, response, True, None)

@@ -23,25 +23,29 @@ from restpg.tracking import progress, say
 PARSE_COLUMNS = "reasoning string, response string, has_separator boolean, format_ok boolean, format_issue string"
 
 
-def parse_frame(variant: str, texts: pd.Series, finished: pd.Series) -> pd.DataFrame:
-    """The parse columns of raw outputs (prompts.parse_output): the response is "" when the format is not ok."""
+def parse_frame(variant: str, texts: pd.Series, finished: pd.Series, forced: pd.Series | None = None) -> pd.DataFrame:
+    """The parse columns of raw outputs (prompts.parse_output): the response is "" when the format is not ok.
+    `forced`: the decoder wrote the separator (generation's reasoning_forced; none when not given)."""
     rows = []
-    for raw, done in zip(texts, finished):
-        out = prompts.parse_output(variant, raw, bool(done))
+    forced = [False] * len(texts) if forced is None else forced
+    for raw, done, was_forced in zip(texts, finished, forced):
+        out = prompts.parse_output(variant, raw, bool(done), bool(was_forced) if pd.notna(was_forced) else False)
         found = prompts.uses_reasoning(variant) and prompts.split_reasoning(raw or "")[2]
         rows.append((out.reasoning, out.response, bool(found), out.format_ok, out.format_issue))
     return pd.DataFrame(rows, columns=["reasoning", "response", "has_separator", "format_ok", "format_issue"])
 
 
 def with_parse(df, variant: str):
-    """df with `text` and `finished` → + reasoning, response, has_separator, format_ok, format_issue."""
+    """df with `text`, `finished` and `reasoning_forced` (generation.generate_df's columns) → + reasoning,
+    response, has_separator, format_ok, format_issue."""
     from pyspark.sql import functions as F
 
     @F.pandas_udf(PARSE_COLUMNS)
-    def parse(texts: pd.Series, finished: pd.Series) -> pd.DataFrame:
-        return parse_frame(variant, texts, finished)
+    def parse(texts: pd.Series, finished: pd.Series, forced: pd.Series) -> pd.DataFrame:
+        return parse_frame(variant, texts, finished, forced)
 
-    return df.withColumn("_parse", parse("text", "finished")).select("*", "_parse.*").drop("_parse")
+    return (df.withColumn("_parse", parse("text", "finished", "reasoning_forced"))
+            .select("*", "_parse.*").drop("_parse"))
 
 
 def slice_state(spark, settings: Settings, slice_: dict, policy: str, m: int) -> tuple[set[str], int]:

@@ -3,15 +3,18 @@
 Both variants start from the same inputs (`policy_inputs.training_inputs`) and drop the same
 examples for a target that does not fit `prompt.max_response_tokens` in the policy's tokenizer, so
 they compare like with like and no training target is silently cut. `sft_reasoning` also leaves out
-examples whose reasoning path is missing, empty, flagged as copying y, or longer than
-`prompt.max_reasoning_tokens`; every example left out is counted under one reason. A path the teacher
-stopped at its length cap ends mid-thought: it is cut back to its last complete sentence or line
-(`prompts.complete_part`, counted as `trimmed_at_cap`), so the policy does not learn a reasoning that
-breaks off into the separator. A path without one complete sentence has nothing shorter to keep and is
-used as written (leaving it out would cost `sft_reasoning` the example that `sft` trains on).
+examples whose teacher path would teach the policy a reasoning it must not write (a small policy learns
+the shape of its training rows exactly): a path that is missing, empty or flagged as copying y; one the
+teacher stopped at its length cap (`finished` false: it never ended, and trimmed back it still taught
+open lists that end at the cap); a degenerate one — a slot of the teacher template missing, out of order
+or repeated (`prompts.SLOTS`), a line repeated, or few distinct word n-grams (a loop); and one that does
+not leave slack under `prompt.max_reasoning_tokens`: at most `REASONING_FILL` of it in the policy's
+tokens, so the policy learns to end its reasoning well before the cap it samples under. Every example
+left out is counted under the first reason in `REASONS` that applies.
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Iterator
 
@@ -23,9 +26,17 @@ from restpg.config import Settings
 from restpg.policy_inputs import policy_prompts, training_inputs
 from restpg.tracking import say
 
-TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG = (
-    "target_too_long", "no_reasoning_path", "empty", "copied", "reasoning_too_long")
-REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, REASONING_TOO_LONG)  # first that applies is counted
+TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, CUT_AT_CAP = (
+    "target_too_long", "no_reasoning_path", "empty", "copied", "cut_at_cap")
+MISSING_SLOTS, REPEATED_LINES, REPETITIVE, REASONING_TOO_LONG = (
+    "missing_slots", "repeated_lines", "repetitive", "reasoning_too_long")
+REASONS = (TARGET_TOO_LONG, NO_REASONING_PATH, EMPTY, COPIED, CUT_AT_CAP, MISSING_SLOTS, REPEATED_LINES, REPETITIVE,
+           REASONING_TOO_LONG)  # first that applies is counted
+DEGENERATE = (MISSING_SLOTS, REPEATED_LINES, REPETITIVE)
+REASONING_FILL = 0.85  # share of prompt.max_reasoning_tokens a kept reasoning may take (policy tokens)
+NGRAM, MIN_DISTINCT_SHARE = 3, 0.5  # a reasoning whose distinct word 3-grams are under half of them loops
+
+_TOKEN = re.compile(r"\S+")
 
 
 def fits(n_tokens: int, budget: int) -> bool:
@@ -34,9 +45,35 @@ def fits(n_tokens: int, budget: int) -> bool:
     return n_tokens + 1 <= budget
 
 
+def reasoning_limit(max_reasoning_tokens: int) -> int:
+    """The most policy tokens a kept reasoning may take: `REASONING_FILL` of the reasoning budget."""
+    return int(REASONING_FILL * max_reasoning_tokens)
+
+
+def degeneracy(reasoning: str, slots: tuple[str, ...] = ()) -> str | None:
+    """Why a reasoning is degenerate, or None: its lines must open with `slots` (when given) exactly once each
+    and in order, each with words after the label; no line twice; at least `MIN_DISTINCT_SHARE` of its
+    (whitespace) word `NGRAM`-grams distinct."""
+    lines = [" ".join(line.split()) for line in reasoning.split("\n") if line.strip()]
+    if slots:
+        opened = [(s, line[len(s):]) for line in lines for s in slots if line.startswith(s)]
+        if [s for s, _ in opened] != list(slots) or not all(re.search(r"\w", rest) for _, rest in opened):
+            return MISSING_SLOTS
+    said = [line.lower() for line in lines if re.search(r"\w", line)]
+    if len(set(said)) < len(said):
+        return REPEATED_LINES
+    tokens = _TOKEN.findall(reasoning.lower())
+    grams = [tuple(tokens[i:i + NGRAM]) for i in range(len(tokens) - NGRAM + 1)]
+    if grams and len(set(grams)) < MIN_DISTINCT_SHARE * len(grams):
+        return REPETITIVE
+    return None
+
+
 def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, empty: bool = False,
-              copied: bool = False, reasoning_fits: bool = True) -> str | None:
-    """Why an example is not training data for a variant (None: it is), first reason in REASONS order."""
+              copied: bool = False, cut: bool = False, degenerate: str | None = None,
+              reasoning_fits: bool = True) -> str | None:
+    """Why an example is not training data for a variant (None: it is), first reason in REASONS order;
+    `degenerate` is `degeneracy`'s verdict."""
     if not target_fits:
         return TARGET_TOO_LONG
     if not uses_reasoning:
@@ -47,66 +84,69 @@ def leave_out(uses_reasoning: bool, target_fits: bool, has_path: bool = True, em
         return EMPTY
     if copied:
         return COPIED
+    if cut:
+        return CUT_AT_CAP
+    if degenerate:
+        return degenerate
     if not reasoning_fits:
         return REASONING_TOO_LONG
     return None
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(ref: str, env_items: tuple):
+def policy_tokenizer(ref: str, env_items: tuple):
+    """The policy's tokenizer on an executor (`env_items`: sorted `models.worker_env` items), loaded once."""
     from restpg import models
 
     return models.load_tokenizer(ref, models.worker_settings(dict(env_items)))
 
 
-def _n_tokens(tokenizer, text: str) -> int:
+def n_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-DECISIONS = "example_id string, plain_reason string, reasoning_reason string, reasoning string, trimmed boolean"
+DECISIONS = "example_id string, plain_reason string, reasoning_reason string"
 
 
-def _decider(policy: str, env: dict, max_reasoning: int, max_response: int):
+def _decider(policy: str, env: dict, max_reasoning: int, max_response: int, slots: tuple[str, ...] = ()):
     """mapInPandas over (example_id, target, reasoning, copied, finished): each input's leave-out reason for
-    a plain and for a reasoning variant, and the reasoning to train on (cut back to its last complete
-    sentence when the teacher stopped at its cap; `trimmed` says so)."""
+    a plain and for a reasoning variant (paths checked against the teacher template's `slots`)."""
     reasoning_budget = prompts.output_budget("sft_reasoning", max_reasoning, max_response)
+    limit = reasoning_limit(max_reasoning)
 
     def decide(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        tokenizer = _tokenizer(policy, tuple(sorted(env.items())))
+        tokenizer = policy_tokenizer(policy, tuple(sorted(env.items())))
         for pdf in batches:
-            plain, reasoned, kept, trimmed = [], [], [], []
+            plain, reasoned = [], []
             for r in pdf.itertuples():
-                target_fits = fits(_n_tokens(tokenizer, r.target), max_response)
+                target_fits = fits(n_tokens(tokenizer, r.target), max_response)
                 has_path = isinstance(r.reasoning, str)
                 reasoning = (r.reasoning or "").strip() if has_path else ""
                 # a null `finished` (a path written before it was recorded) counts as finished
-                at_cap = bool(reasoning) and not pd.isna(r.finished) and not bool(r.finished)
-                complete = (prompts.complete_part(reasoning) if at_cap else "") or reasoning
-                # the teacher wrote the path within the reasoning budget (its own cap); what must fit in
-                # the policy's tokens is the whole completion, under the cap training and sampling share
-                reasoning_fits = has_path and fits(
-                    _n_tokens(tokenizer, prompts.join_reasoning(complete, r.target)), reasoning_budget)
+                cut = bool(reasoning) and not pd.isna(r.finished) and not bool(r.finished)
+                # the reasoning leaves slack under its budget, and the whole completion fits the cap
+                # training and sampling share
+                reasoning_fits = has_path and n_tokens(tokenizer, reasoning) <= limit and fits(
+                    n_tokens(tokenizer, prompts.join_reasoning(reasoning, r.target)), reasoning_budget)
                 plain.append(leave_out(False, target_fits))
-                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), reasoning_fits))
-                kept.append(complete if has_path else None)
-                trimmed.append(complete != reasoning)
-            yield pd.DataFrame({"example_id": pdf["example_id"], "plain_reason": plain, "reasoning_reason": reasoned,
-                                "reasoning": kept, "trimmed": trimmed})
+                reasoned.append(leave_out(True, target_fits, has_path, not reasoning, bool(r.copied), cut,
+                                          degeneracy(reasoning, slots) if reasoning else None, reasoning_fits))
+            yield pd.DataFrame({"example_id": pdf["example_id"], "plain_reason": plain, "reasoning_reason": reasoned})
     return decide
 
 
-def decide(spark, settings: Settings, rows):
-    """`rows` (example_id, target, reasoning, copied, finished, …) with `reasoning` replaced by the one to
-    train on and plain_reason / reasoning_reason / trimmed added, materialised once."""
+def decide(spark, settings: Settings, rows, slots: tuple[str, ...] = prompts.SLOTS["teacher_reasoning"]):
+    """`rows` (example_id, target, reasoning, copied, finished, …) with plain_reason / reasoning_reason added,
+    materialised once; paths must have the teacher template's `slots`."""
     from restpg import models
 
     policy = models.resolve_ref(settings.models.policy, settings)
     models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
-    decider = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens, settings.prompt.max_response_tokens)
+    decider = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens,
+                       settings.prompt.max_response_tokens, slots)
     reasons = rows.select("example_id", "target", "reasoning", "copied", "finished").mapInPandas(decider, DECISIONS)
     spark.sparkContext.setJobDescription("sft_data: fit targets and reasoning to the policy's budgets")
-    return rows.drop("reasoning", "finished").join(reasons, "example_id").localCheckpoint()
+    return rows.drop("finished").join(reasons, "example_id").localCheckpoint()
 
 
 def _decisions(spark, settings: Settings, inputs, with_reasoning: bool):
@@ -155,8 +195,6 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
         if any(left_out.values()):
             say(f"sft_data {name}: {n} of {n_inputs} training inputs kept; left out {left_out}")
         result["variants"][name] = {"version": version, "rows": n, "left_out": left_out}
-        if reasoning:
-            result["variants"][name]["trimmed_at_cap"] = kept.where("trimmed").count()
         result["rows"] += n
     _log_metrics(result)
     empty = {name: r["left_out"] for name, r in result["variants"].items() if r["rows"] == 0}
@@ -165,7 +203,8 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
             f"{name} (all {n_inputs} inputs left out: {', '.join(f'{k}={v}' for k, v in why.items() if v)})"
             for name, why in empty.items())
             + f"; the budgets are prompt.max_response_tokens={settings.prompt.max_response_tokens} and "
-              f"prompt.max_reasoning_tokens={settings.prompt.max_reasoning_tokens} (end-of-sequence included)")
+              f"prompt.max_reasoning_tokens={settings.prompt.max_reasoning_tokens} (end-of-sequence included; a kept "
+              f"reasoning takes at most {REASONING_FILL:.0%} of it)")
     return result
 
 
@@ -178,6 +217,4 @@ def _log_metrics(result: dict) -> None:
     for name, r in result["variants"].items():
         metrics[f"sft_data.{name}.rows"] = r["rows"]
         metrics.update({f"sft_data.{name}.left_out.{k}": v for k, v in r["left_out"].items()})
-        if "trimmed_at_cap" in r:
-            metrics[f"sft_data.{name}.trimmed_at_cap"] = r["trimmed_at_cap"]
     mlflow.log_metrics(metrics)

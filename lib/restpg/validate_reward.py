@@ -186,9 +186,12 @@ def _shuffle_outputs(spark, settings: Settings, policy: str, variant: str, rows:
     out = generation.generate_df(prompts_df.select("example_id", "prompt"), policy, settings, m=1, temperature=cfg.temperature,
                                  top_p=cfg.top_p, iteration=-2, seed=settings.sample.seed,
                                  counter=counter, n_prompts=len(gen), **generation.limits(settings, variant))
-    # the gate checks what the reward sees in the policy's text, not whether the policy stopped in time:
-    # a response cut at its budget is scored as it stands (the format rule is the filter's and evaluation's)
-    respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", True).response, "string")
+    # the gate checks what the reward sees in the policy's text, not whether the policy kept to its budgets:
+    # a response cut at its budget, or after a separator the decoder wrote at the reasoning budget, is scored
+    # as it stands (those format rules are the filter's and evaluation's); a text whose response cannot be
+    # told apart (no separator, or a second one) still leaves nothing to score
+    respond = F.udf(lambda text, finished: prompts.parse_output(variant, text or "", True, forced=False).response,
+                    "string")
     truth = spark.createDataFrame([(r["example_id"], r["input"], r["target"]) for r in rows], "eid string, input string, target string")
     return (out.withColumn("eid", F.split("example_id", r"\|").getItem(1))
             .join(truth, "eid").select(F.col("example_id").alias("key"), "input", "target",

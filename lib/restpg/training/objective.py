@@ -34,6 +34,17 @@ def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return (nll * token_weights).sum() / denominator
 
 
+def completion_window(labels: torch.Tensor) -> int:
+    """Trailing positions of a right-padded batch whose logits the loss reads: from the position that predicts
+    the earliest completion token of any row to the end (0 when no row has a completion token). The
+    prompt's positions before it predict nothing the loss counts, so their logits (the output layer and
+    a softmax over the whole vocabulary per position: most of Gemma's compute) need not be computed."""
+    counted = (labels != IGNORE_INDEX).any(0).nonzero()
+    if len(counted) == 0:
+        return 0
+    return labels.shape[1] - int(counted[0]) + 1
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate of 0-based `step`: linear warm-up to cfg.lr, then linear decay to lr * lr_final_ratio
     at the last step. Warm-up starts above zero (nanoGPT's (step+1)/(warmup+1)) so no step is wasted."""

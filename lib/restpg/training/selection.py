@@ -1,11 +1,13 @@
-"""Checkpoint selection as in the paper (Appendix B): the checkpoint kept is the one whose own
-outputs earn the highest mean reward on a fixed sample of validation inputs.
+"""Checkpoint selection as in the paper (Appendix B): the checkpoint kept is the trained one whose
+own outputs earn the highest mean reward on a fixed sample of validation inputs. The untrained start
+(step 0) is scored too, as the baseline of the curve, but is never kept (`trainer.fit`).
 
 The sample is the `train.selection_examples` validation examples with the lowest hash of their
 example id — the same inputs for every training job of a run, whatever its variant or iteration, so
 their curves compare. Each input gets one output at the evaluation temperature, capped at the
-variant's output budget; an output whose format is not ok (a reasoning variant without its
-separator, or cut off at the cap) earns 0, and the response alone is rewarded against the target.
+variant's output budget; an output whose format is not ok (`prompts.parse_output`: a reasoning variant
+without its own separator — the decoder wrote it — or with it twice, or cut off at the cap) earns 0,
+and the response alone is rewarded against the target.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def weights_digest(model, stride: int = 997) -> str:
 
 
 # Selection results of one process by (weights, what was asked): every M-step of a run restarts from the same
-# base (train.restart_from = base), so its step-0 selection is the same generation and reward each time.
+# base (train.restart_from = base), so its step-0 baseline is the same generation and reward each time.
 _memo: dict[tuple, tuple[float, dict]] = {}
 MEMO_SIZE = 32
 
@@ -111,7 +113,8 @@ class Selector:
         samples, _ = generation.sample(model, self.tokenizer, self.sample.prompts, self.seeds,
                                        temperature=s.evaluate.temperature, top_p=s.evaluate.top_p,
                                        max_rows=self.max_rows, **generation.limits(s, self.variant))
-        outputs = [prompts.parse_output(self.variant, group[0].text, group[0].finished) for group in samples]
+        outputs = [prompts.parse_output(self.variant, group[0].text, group[0].finished, group[0].forced)
+                   for group in samples]
         responses = [o.response if o.format_ok else "" for o in outputs]
         scored = self.score(s, self.sample.inputs, self.sample.targets, responses)
         rewards = [float(r) if o.format_ok else 0.0 for o, r in zip(outputs, scored)]

@@ -1,11 +1,13 @@
-"""The training loop, top to bottom: resume → step 0 selection → steps (loss, schedule, clip,
+"""The training loop, top to bottom: resume → step 0 baseline → steps (loss, schedule, clip,
 optimizer) with selection every `eval_every` steps and a resume state every `checkpoint_every` →
 the selected state left in the model.
 
 SFT (every weight 1.0) and the M-step of REST-PG (reward-weighted NLL) are this one loop; only the
 rows' weights differ. Every job trains exactly `cfg.steps` optimizer steps whatever the number of
-rows, and the checkpoint kept is the one whose own outputs earn the highest mean reward on a fixed
-validation sample (the paper's checkpoint selection), not the lowest loss.
+rows, and the checkpoint kept is the trained step (every `eval_every` multiple and the last step)
+whose own outputs earn the highest mean reward on a fixed validation sample (the paper's checkpoint
+selection), not the lowest loss. Step 0, the untrained start, is scored as the curve's baseline
+(`initial_reward`) but is never kept: a training job always hands on a trained model.
 
 On XLA every micro-batch is padded to one of a few bucket lengths and ends with a graph cut, so few
 graphs get compiled; their number is reported as ``compilations``.
@@ -25,7 +27,8 @@ from restpg.tracking import say
 from restpg.training.checkpoints import ResumeStore
 from restpg.training.data import DataOrder, collate
 from restpg.training.devices import pick_device, sync, xla_compilations
-from restpg.training.objective import inert_decay_step, lr_at, make_optimizer, weighted_nll, weighted_tokens
+from restpg.training.objective import (completion_window, inert_decay_step, lr_at, make_optimizer, weighted_nll,
+                                       weighted_tokens)
 
 Select = Callable[[torch.nn.Module], float]  # model (eval mode) -> mean reward of its outputs
 
@@ -39,10 +42,10 @@ class FitResult:
     steps: int
     first_loss: float
     final_loss: float
-    best_step: int  # the step whose state the model holds now (0 = the starting checkpoint)
+    best_step: int  # the step whose state the model holds now: a trained step (>= 1), never the start
     best_reward: float  # its selection reward (nan without a selector: then the last step is kept)
-    initial_reward: float  # the selection reward of the starting checkpoint
-    curve: list  # [(step, selection reward)], step 0 first
+    initial_reward: float  # the selection reward of the starting checkpoint (step 0: baseline only, never kept)
+    curve: list  # [(step, selection reward)], the step 0 baseline first
     tokens_per_s: float
     compilations: int
     device: str
@@ -127,7 +130,8 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
     log_metrics = log_metrics or (lambda metrics, step: None)
 
     start, curve = 0, []
-    best_step, best_reward, best_state = total_steps, -math.inf, None  # without a selector the last step is kept
+    # candidates are trained steps only (step 0 is the baseline); without a selector the last step is kept
+    best_step, best_reward, best_state = total_steps, -math.inf, None
     best_ok = -math.inf  # format-ok rate of the best step: breaks reward ties (see _format_ok_rate)
     first_loss = final_loss = math.nan
     tokens, train_seconds, step_seconds, pending = 0, 0.0, [], []
@@ -138,6 +142,8 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         tokens, train_seconds = resume["tokens"], resume["train_seconds"]
         best_step, best_reward, best_state = resume["best"]["step"], resume["best"]["reward"], resume["best"]["params"]
         best_ok = resume["best"].get("ok", 0.0)
+        if best_step == 0:  # saved by a version that let the untrained start compete: only trained steps do now
+            best_step, best_reward, best_state, best_ok = total_steps, -math.inf, None, -math.inf
         if best_state is None and select is not None and best_step == start:  # saved once, as the current params
             best_state = _trainable_state(model)
 
@@ -147,7 +153,10 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         ok = _format_ok_rate(select)
         curve.append((step, reward))
         log_metrics({"selection_reward": reward, **({} if ok is None else {"selection_format_ok": ok})}, step)
-        say(f"train step {step}/{total_steps} | selection reward {reward:.4f}" + ("" if ok is None else f" | format ok {ok:.0%}"))
+        say(f"train step {step}/{total_steps} | selection reward {reward:.4f}"
+            + ("" if ok is None else f" | format ok {ok:.0%}") + (" | baseline, never kept" if step == 0 else ""))
+        if step == 0:  # the untrained start is what training is measured against, not a result of it
+            return
         # the higher reward wins, then the higher format-ok rate; full ties keep the earlier step; nan never wins
         if reward > best_reward or (reward == best_reward and (ok or 0.0) > best_ok):
             best_step, best_reward, best_state, best_ok = step, reward, _trainable_state(model), ok or 0.0
@@ -168,8 +177,12 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         denominator = torch.tensor(max(sum(weighted_tokens(b["labels"], b["weights"]) for b in step_batches), 1e-8), device=dev)
         step_loss = torch.zeros((), device=dev)
         for b in step_batches[rank::world]:
-            logits = model(input_ids=b["input_ids"].to(dev), use_cache=False).logits
-            loss = weighted_nll(logits, b["labels"].to(dev), b["weights"].to(dev), denominator)
+            # logits of the completion window only (the loss reads nothing before it); on XLA the whole
+            # width, since a window that varies per batch would compile a graph per width
+            window = completion_window(b["labels"]) if kind != "xla" else 0
+            labels = b["labels"][:, -window:] if window else b["labels"]
+            logits = model(input_ids=b["input_ids"].to(dev), use_cache=False, logits_to_keep=window).logits
+            loss = weighted_nll(logits, labels.to(dev), b["weights"].to(dev), denominator)
             loss.backward()
             step_loss = step_loss + loss.detach()
             sync(kind)
@@ -209,10 +222,10 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         if stop_after_steps is not None and step >= stop_after_steps:
             raise TrainingInterrupted(f"stopped after step {step}")
 
-    if len(curve) > 1 and best_reward == 0.0 and best_ok == 0.0:
-        # no step wrote one usable output (every reward 0 for its format): no evidence for an earlier step,
-        # so the most trained one is kept rather than the untrained start
-        say(f"train: no selection output was usable at any step; keeping the last step ({total_steps})")
+    if select is not None and best_reward == 0.0 and best_ok == 0.0:
+        # no trained step wrote one usable output (every reward 0 for its format): no evidence for an earlier
+        # step, so the most trained one is kept
+        say(f"train: no selection output was usable at any trained step; keeping the last step ({total_steps})")
         best_step, best_state = total_steps, _trainable_state(model)
     compilations = xla_compilations() - compiled_before if kind == "xla" else 0
     model.to("cpu")
