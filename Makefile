@@ -36,7 +36,7 @@ test: $(STAMP)
 # The fault suite: every long stage killed with SIGKILL and run again, malformed inputs, no tracking store (~8 min).
 # One process: each case runs a killed `restpg` subprocess with its own Spark JVM beside the suite's own, and on
 # two workers (four JVMs on 24 GB) a killed training job's Python worker was itself killed before its first
-# resume state (see the closing note of 2026-12-03); `make test-faults XDIST="-n 2 --dist load"` spreads it.
+# resume state (see the closing note of 2026-12-03); `make test-faults FAULTS_XDIST="-n 2 --dist load"` spreads it.
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q $(FAULTS_XDIST) --durations=10 -m faults tests/test_faults.py
 
