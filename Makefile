@@ -29,14 +29,14 @@ run: $(STAMP)
 # (pytest-xdist), each with its own local Spark session; a test file stays on one worker, so a module's
 # shared fixture (an upstream pipeline home) is built once. Prints the 15 slowest tests.
 XDIST ?= -n 2
-FAULTS_XDIST ?=
+FAULTS_XDIST ?= -n 2 --dist load
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) --dist loadfile --durations=15 -m "not faults" tests
 
-# The fault suite: every long stage killed with SIGKILL and run again, malformed inputs, no tracking store (~8 min).
-# One process: each case runs a killed `restpg` subprocess with its own Spark JVM beside the suite's own, and on
-# two workers (four JVMs on 24 GB) a killed training job's Python worker was itself killed before its first
-# resume state (see the closing note of 2026-12-03); `make test-faults FAULTS_XDIST="-n 2 --dist load"` spreads it.
+# The fault suite: every long stage killed with SIGKILL and run again, malformed inputs, no tracking store.
+# Two workers (--dist load: the cases spread, each worker builds the shared upstream home once); every killed
+# `restpg` JVM gets a 2g heap and the suite's own 3g (tests/conftest.py), so four JVMs and their Python workers
+# fit in 24 GB. FAULTS_XDIST= runs it in one process.
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q $(FAULTS_XDIST) --durations=10 -m faults tests/test_faults.py
 
@@ -57,7 +57,7 @@ $(COMPAT)/.installed: requirements-compat.txt $(STAMP)
 
 test-compat: $(COMPAT)/.installed
 	$(COMPAT)/bin/python -c "from importlib.metadata import version as v; print('compat:', *(f'{p}=={v(p)}' for p in ('pyspark', 'delta-spark', 'mlflow')))"
-	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider --durations=5 -m "not slow and not e2e and not faults" $(COMPAT_TESTS)
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(XDIST) --dist loadfile --durations=5 -m "not slow and not e2e and not faults" $(COMPAT_TESTS)
 
 # The inner loop: the tests that need no Spark session and no packaged model (under 2 minutes).
 test-fast: $(STAMP)

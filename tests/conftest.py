@@ -51,7 +51,9 @@ def session_home(tmp_path_factory) -> Path:
 def settings(session_home):
     from restpg.config import load_settings
 
-    return load_settings("local", home=str(session_home))
+    # 3g, not the profile's 6g: two xdist workers' JVMs, the fault suite's killed `restpg` JVMs and their Python
+    # workers share 24 GB; a heap allowed 6g grows toward it before a full collection
+    return load_settings("local", ["spark.driver_memory=3g"], home=str(session_home))
 
 
 @pytest.fixture(scope="session")

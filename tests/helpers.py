@@ -42,7 +42,7 @@ def tiny_overrides(tiny: str, m: int = 3) -> list[str]:
     its slotted paths fit in the tiny tokenizer's short tokens."""
     return [f"models.policy={tiny}", "models.teacher=extractive", f"models.judge={tiny}",
             "data.demo_users=1", "data.demo_profile_items=3", "loop.iterations=1", f"sample.m={m}",
-            "prompt.max_reasoning_tokens=96", "prompt.max_response_tokens=240", "sample.chunk_examples=1",
+            "prompt.max_reasoning_tokens=96", "prompt.max_response_tokens=240",
             "prompt.max_input_tokens=200", "train.steps=2", "train.eval_every=2", "train.selection_examples=2",
             "train.device=cpu", "train.length_buckets=[256, 512]", "filter.tau=-1.0", "filter.max_kept_per_input=2",
             "validate.allow_unfit_reward=true", "validate.examples=4"]

@@ -4,7 +4,12 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
+import logging
+import os
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -105,3 +110,71 @@ def test_a_stage_that_needs_the_budget_before_ingest_stops_with_a_clear_error(sp
     code = cli.main(["judge", "--variant", "rest_pg", "--iteration", "1", "--home", str(tmp_path / "home"),
                      "--set", "prompt.max_response_tokens=auto"])
     assert code == 2 and "restpg ingest" in capsys.readouterr().err
+
+
+# --- the console: a result file, expected ends in one line, third-party noise off ------------------------
+
+@pytest.fixture
+def process_state():
+    """cli.main sets the process's environment and MLflow's log level: put them back after the test."""
+    level = logging.getLogger("mlflow").level
+    with mock.patch.dict(os.environ):
+        yield
+    logging.getLogger("mlflow").setLevel(level)
+
+
+def _stage_without_spark(monkeypatch, outcome):
+    """cli.main up to the stage with no Spark session; the stage returns `outcome` or raises it."""
+    def run_stage(name, spark, settings, **arguments):
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr("restpg.runtime.get_spark", lambda settings: None)
+    monkeypatch.setattr(cli, "run_stage", run_stage)
+
+
+def test_a_stage_writes_its_result_to_a_file_and_prints_one_line(process_state, monkeypatch, tmp_path, capsys):
+    result = {"rows": 3, "per_task": {f"task{i}": {"samples": i, "passed": i // 2} for i in range(200)}}
+    _stage_without_spark(monkeypatch, result)
+    home = tmp_path / "home"
+    assert cli.main(["retrieve", "--home", str(home)]) == 0
+    assert cli.main(["retrieve", "--home", str(home)]) == 0  # the same second: a second file, not over the first
+    out = capsys.readouterr().out.splitlines()
+    files = sorted((home / "results").glob("retrieve-*.json"))
+    assert len(out) == 2 and len(files) == 2 and {line.removeprefix("result: ") for line in out} == {str(f) for f in files}
+    assert all(json.loads(f.read_text()) == result for f in files)
+
+
+@pytest.mark.parametrize("argv", [["filtering", "--variant", "rest_em", "--iteration", "1"], ["pipeline"]])
+def test_nothing_passing_the_filter_ends_the_command_with_code_3_and_one_line(argv, process_state, monkeypatch, tmp_path, capsys):
+    from restpg.filtering import NothingPassed
+
+    message = "no rest_em output of iteration 1 has reward >= tau=0.9 (embedding reward, 8 samples, 8 well-formed)"
+    _stage_without_spark(monkeypatch, NothingPassed(message))
+    assert cli.main([*argv, "--home", str(tmp_path / "home")]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"restpg: {message}\n"
+    assert not (tmp_path / "home" / "results").exists()
+
+
+def test_third_party_noise_is_off_unless_verbose(process_state, monkeypatch, tmp_path):
+    from restpg import runtime
+
+    for key in [*runtime.QUIET_ENV, "PJRT_DEVICE"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # a value the user set wins
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    _stage_without_spark(monkeypatch, {})
+    assert cli.main(["retrieve", "--verbose", "--home", str(tmp_path / "home")]) == 0
+    assert not {*runtime.QUIET_ENV, "PJRT_DEVICE"} & set(os.environ) - {"TRANSFORMERS_VERBOSITY"}
+    assert cli.main(["retrieve", "--home", str(tmp_path / "home")]) == 0
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["MLFLOW_LOGGING_LEVEL"] == "ERROR"
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and os.environ["PJRT_DEVICE"] == "CPU"
+    assert logging.getLogger("mlflow").level == logging.ERROR
+    with warnings.catch_warnings():  # as MLflow logs a model: its own filter shows each UserWarning once
+        warnings.simplefilter("once", UserWarning)
+        warnings.warn("\x1b[33mAdd type hints to the `predict` method to enable data validation\x1b[0m", UserWarning)
+        warnings.warn("a warning of restpg's own", UserWarning)
+    assert shown == ["a warning of restpg's own"]

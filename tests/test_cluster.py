@@ -2,7 +2,7 @@
 the pyspark installation (`spark-class`), each worker with its own executor and Python workers. A
 short pipeline (demo data → ingest → retrieve → sample → judge → filtering with the tiny model) runs against
 ``spark://127.0.0.1:<port>`` in a driver process of its own and must write the same rows as the same
-run on ``local[2]``. The fixture stops exactly the processes it started, by pid, also on failure.
+run on the suite's own ``local[2]`` session. The fixture stops exactly the processes it started, by pid, also on failure.
 """
 from __future__ import annotations
 
@@ -102,10 +102,10 @@ def _run_stages(master: str, home: Path, tiny: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_pipeline_on_a_standalone_cluster_writes_the_same_rows_as_local(cluster, tiny, tmp_path):
+def test_pipeline_on_a_standalone_cluster_writes_the_same_rows_as_local(cluster, spark, tiny, tmp_path):
     on_cluster = _run_stages(cluster["url"], tmp_path / "cluster", tiny)
-    local = _run_stages("local[2]", tmp_path / "local", tiny)
-    assert on_cluster["master"] == cluster["url"] and local["master"] == "local[2]"
+    local = _stages(spark, "local[2]", tmp_path / "local", tiny)  # the suite's own local[2] session, in this process
+    assert on_cluster["master"] == cluster["url"] and spark.sparkContext.master == "local[2]"
     # the work ran in both workers' executors, each a JVM of its own (started by one of our workers)
     # with its own Python workers
     executors, pythons = on_cluster["executors"], on_cluster["python_pids_per_executor"]
@@ -122,19 +122,28 @@ def test_pipeline_on_a_standalone_cluster_writes_the_same_rows_as_local(cluster,
 
 
 def _driver(master: str, home: str, tiny: str, out: str) -> None:
-    """Child process: demo data → ingest → retrieve → sample → judge → filtering (rest_em, t=1, the tiny
-    model as policy, the embedding reward)."""
-    from helpers import tiny_overrides
-    from restpg import catalog, cli, demo_data
+    """Child process: the stages against `master`; their rows and where the work ran, to `out`."""
     from restpg.config import load_settings
     from restpg.runtime import get_spark
 
+    spark = get_spark(load_settings("local", [f"spark.master={master}"], home=home))
+    report = _stages(spark, master, Path(home), tiny)
+    Path(out).write_text(json.dumps(report))
+    spark.stop()
+
+
+def _stages(spark, master: str, home: Path, tiny: str) -> dict:
+    """Demo data → ingest → retrieve → sample → judge → filtering (rest_em, t=1, the tiny model as policy,
+    the embedding reward) on `spark`; the rows each stage wrote, and the executors that ran its tasks."""
+    from helpers import tiny_overrides
+    from restpg import catalog, cli, demo_data
+    from restpg.config import load_settings
+
     # one chunk per stage: this test compares rows, the chunking has tests of its own
-    s = load_settings("local", [*tiny_overrides(tiny, m=2), "sample.chunk_examples=64", f"spark.master={master}"], home=home)
+    s = load_settings("local", [*tiny_overrides(tiny, m=2), "sample.chunk_examples=64", f"spark.master={master}"], home=str(home))
     d = s.data
-    source = demo_data.write(Path(home) / "demo.jsonl", users_per_task=d.demo_users, profile_items=d.demo_profile_items,
+    source = demo_data.write(home / "demo.jsonl", users_per_task=d.demo_users, profile_items=d.demo_profile_items,
                              examples_per_user=d.demo_examples_per_user, seed=d.demo_seed)
-    spark = get_spark(s)
     cli.run_stage("ingest", spark, s, source=str(source), task=None, split=None)
     cli.run_stage("retrieve", spark, s)
     cli.run_stage("sample", spark, s, variant="rest_em", iteration=1, policy=tiny)
@@ -174,8 +183,7 @@ def _driver(master: str, home: str, tiny: str, out: str) -> None:
               "trajectories": rows("trajectories", ["example_id", "sample_index"]),
               "judge_scores": rows("judge_scores", ["example_id", "sample_index"]),
               "training_sets": rows("training_sets", ["example_id", "sample_index"])}
-    Path(out).write_text(json.dumps(report))
-    spark.stop()
+    return report
 
 
 if __name__ == "__main__":

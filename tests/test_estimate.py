@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import example_row, make_settings, write_rows
@@ -97,3 +101,22 @@ def test_run_counts_the_examples_table(spark, tmp_path, capsys):
     assert out["train_inputs"] == 5 and out["splits"] == {"train": 5, "test": 1}
     assert out["embedded_texts"] == 2 * 3 + 6  # three items per user, six inputs
     assert out["generated_tokens"] > 0 and "sample" in capsys.readouterr().out
+
+
+@pytest.mark.spark
+def test_databricks_profile_is_estimated_with_no_workspace_or_credentials(tmp_path):
+    """Sizing a Databricks run before there is a workspace: no tracking store, no credentials, no catalog."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "MLFLOW_"))}
+    env["DATABRICKS_CONFIG_FILE"] = str(tmp_path / "none.databrickscfg")
+    home = tmp_path / "home"
+    restpg = Path(sys.executable).with_name("restpg")
+    out = subprocess.run([str(restpg), "estimate", "--profile", "databricks", "--home", str(home)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["stage", "t", "variant"] and "per EM iteration" in out.stdout
+    assert {line.split()[0] for line in lines[2:-4]} >= {"retrieve", "reason", "train", "sample", "judge", "evaluate", "promote"}
+    assert "Traceback" not in out.stderr and "no catalog 'main'" in out.stderr
+    [result] = (home / "results").glob("estimate-*.json")
+    assert json.loads(result.read_text())["iterations"] == 3 and lines[-1] == f"result: {result}"
+    assert not (home / "mlflow.db").exists() and not (home / "mlruns").exists()

@@ -5,7 +5,8 @@ with one line before any work. Prints ``faults: N survived, M failed`` (tests/co
 
 One tiny upstream home (ingest → retrieve → sft_data → SFT → E-step samples, in this process) is
 copied for every case: the killed run is a real `restpg <stage>` process (its Spark JVM and Python
-workers die with it), the rerun and the uninterrupted reference run in this process.
+workers die with it), the rerun and the uninterrupted reference run in this process (for `sample`, the
+upstream home's own samples are the reference).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ PROGRESS = re.compile(r": (\d+)/(\d+) \(")
 def overrides(tiny: str) -> list[str]:
     """The e2e test's tiny run, one example per committed chunk in every stage, a training job long
     enough to be killed between two of its resume states."""
-    return [*tiny_overrides(tiny, m=3), "reason.chunk_examples=1", "judge.chunk_examples=1", "evaluate.chunk_examples=1",
+    return [*tiny_overrides(tiny, m=3), "sample.chunk_examples=1", "reason.chunk_examples=1", "judge.chunk_examples=1",
+            "evaluate.chunk_examples=1", "spark.driver_memory=2g",
             "judge.reward=embedding", "train.steps=12", "train.eval_every=4", "train.checkpoint_every=2",
             "train.log_every=1", "mlflow.policy_model_name=faults-policy"]
 
@@ -146,17 +148,20 @@ CHUNKED = {
 @pytest.mark.parametrize("stage", list(CHUNKED))
 def test_kill_during_a_chunked_stage_then_rerun(stage, spark, upstream):
     argv, args, table, slice_, keys, same, label = CHUNKED[stage]
-    killed_home, reference_home = home_copy(upstream, f"{stage}-killed"), home_copy(upstream, f"{stage}-whole")
-    if stage == "sample":  # the upstream samples are the reference's to redo; the killed home starts empty
-        for s in (killed_home, reference_home):
-            catalog.replace_slice(spark, s, catalog.read_slice(spark, s, table, slice_).limit(0), table, slice_, "reset")
+    killed_home = home_copy(upstream, f"{stage}-killed")
+    if stage == "sample":  # the upstream run's samples are the uninterrupted reference; the killed home starts empty
+        reference_home = make_settings(upstream[0] / "upstream", *upstream[1])
+        catalog.replace_slice(spark, killed_home, catalog.read_slice(spark, killed_home, table, slice_).limit(0), table, slice_, "reset")
+    else:
+        reference_home = home_copy(upstream, f"{stage}-whole")
 
     killed, lines = kill_when(killed_home, upstream[1], argv, committed(label))
     assert killed, "the stage finished before it could be killed:\n" + "".join(lines[-20:])
     partial = rows_of(spark, killed_home, table, slice_) if catalog.exists(spark, killed_home, table) else None
 
     cli.run_stage(stage, spark, killed_home, **args)  # the retry
-    cli.run_stage(stage, spark, reference_home, **args)  # what an uninterrupted run writes
+    if stage != "sample":
+        cli.run_stage(stage, spark, reference_home, **args)  # what an uninterrupted run writes
     after, reference = rows_of(spark, killed_home, table, slice_), rows_of(spark, reference_home, table, slice_)
     assert partial is not None and 0 < len(partial) < len(reference), "the kill came before the first or after the last chunk"
     check_no_loss_no_duplicate(after, reference, keys, same)

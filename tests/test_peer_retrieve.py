@@ -24,17 +24,17 @@ def test_choose_peers_excludes_self_and_ranks_each_trajectory():
 
 @pytest.fixture(scope="module")
 def amazon_peers(spark, amazon_path, tmp_path_factory):
-    """20 train users, 8 test users, and a test user who copies a train user's profile and whose expected
+    """10 train users, 4 test users, and a test user who copies a train user's profile and whose expected
     output is that user's most relevant review (a peer item that must never come back)."""
     from helpers import make_settings
 
     tmp = tmp_path_factory.mktemp("peers")
-    recs = [json.loads(x) for x in amazon_path.read_text().splitlines()[:28]]
+    recs = [json.loads(x) for x in amazon_path.read_text().splitlines()[:14]]
     spec, victim = tasks.TASKS["product_review"], recs[1]
     copier = dict(victim, reviewerId="copier", output=victim["profile"][0]["reviewText"],
                   input=tasks.item_text(spec, victim["profile"][0]))
     s = make_settings(tmp / "home", "retrieve.k=3")
-    for split, rows in (("train", recs[:20]), ("test", recs[20:] + [copier])):
+    for split, rows in (("train", recs[:10]), ("test", recs[10:] + [copier])):
         path = tmp / f"{split}.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         ingest.run(spark, s, source=str(path), task="product_review", split=split, run_id=f"ingest-{split}")
@@ -45,7 +45,7 @@ def amazon_peers(spark, amazon_path, tmp_path_factory):
     again = [r.asDict() for r in catalog.read(spark, s, "peer_retrievals").orderBy("example_id", "trajectory", "rank").collect()]
     examples = {r.example_id: r.asDict(recursive=True) for r in catalog.read(spark, s, "examples").collect()}
     return {"settings": s, "rows": rows, "again": again, "report": report, "again_report": again_report,
-            "examples": examples, "train_users": {r["reviewerId"] for r in recs[:20]}, "victim": victim}
+            "examples": examples, "train_users": {r["reviewerId"] for r in recs[:10]}, "victim": victim}
 
 
 @pytest.mark.slow

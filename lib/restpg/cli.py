@@ -7,10 +7,13 @@ argv to the stage: parse → settings → Spark → tracked MLflow run → `rest
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
+import itertools
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from restpg.config import ConfigError, describe, load_settings
 
@@ -41,6 +44,8 @@ class Stage:
     # False: the stage never reads the output budgets, or sizes them itself (pipeline after its ingest,
     # estimate at the cap before one); every other stage gets `prompt.max_response_tokens: auto` resolved
     budgets: bool = True
+    # False: the stage records no MLflow run and needs no tracking store (estimate, before any workspace exists)
+    tracked: bool = True
 
 
 # name → what it does and its arguments; the module restpg.<name> has run(spark, settings, *, run_id, ...).
@@ -86,7 +91,7 @@ STAGES = {
             help="exploration budgets for 'budget', e.g. 2,4,8")), aliases=("ablate",)),
     "estimate": Stage("generated tokens, judge passes, training tokens and hours of a run, per stage and EM iteration", (
         arg("--bench", default=None, help="bench result JSON with the measured rates (default: the newest bench/results/*.json)"),),
-        budgets=False),
+        budgets=False, tracked=False),
     "pipeline": Stage("the whole run: ingest → retrieve → reason → SFT → validate → EM → evaluate → promote", (
         arg("--variants", type=lambda s: s.split(","), default=None, help="comma-separated variants (default from the profile)"),
         arg("--force", action="append", default=[], metavar="STAGE", help="redo a stage even if complete")),
@@ -100,6 +105,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", default=None, help="local state directory (default $RESTPG_HOME or ./.restpg)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one profile value, e.g. --set sample.m=8 (repeatable)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show third-party logs, warnings and progress bars (transformers, Hugging Face Hub, MLflow, torch-xla)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,13 +150,16 @@ def stage_arguments(name: str, args: argparse.Namespace) -> dict:
 
 def run_stage(name: str, spark, settings, **arguments) -> dict:
     """restpg.<name>.run inside a tracked MLflow run (a child run when one is active), with budgets sized
-    from the data (`prompt.max_response_tokens: auto`) resolved first for a stage that reads them."""
+    from the data (`prompt.max_response_tokens: auto`) resolved first for a stage that reads them. An
+    untracked stage runs with `run_id=None` and never touches the tracking store."""
+    module = importlib.import_module(f"restpg.{name}")
+    if not STAGES[name].tracked:
+        return module.run(spark, settings, run_id=None, **arguments)
     import mlflow
 
     from restpg import budgets
     from restpg.tracking import stage_run
 
-    module = importlib.import_module(f"restpg.{name}")
     with stage_run(settings, name, arguments) as log:
         if STAGES[name].budgets and budgets.is_auto(settings):
             settings = budgets.resolve(spark, settings)
@@ -219,8 +229,28 @@ def _sql(spark, settings, args) -> int:
     return 0
 
 
+def write_result(settings, stage: str, result) -> Path:
+    """The stage's result as JSON in `<home>/results/<stage>-<UTC time>.json`, never over an earlier one."""
+    folder = settings.home_dir / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(result, indent=1, default=str)
+    for n in itertools.count(1):
+        path = folder / f"{stage}-{stamp}{f'-{n}' if n > 1 else ''}.json"
+        try:
+            with path.open("x") as f:
+                f.write(text)
+            return path
+        except FileExistsError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        from restpg.runtime import quiet_third_party
+
+        quiet_third_party()
     try:
         settings = load_settings(args.profile, args.overrides, home=args.home)
     except ConfigError as e:
@@ -235,19 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         return _tool(command, args, settings)
     from restpg.runtime import TrackingUnavailable, check_tracking, get_spark
 
-    try:  # before Spark starts: a stage that cannot record its run does no work
-        check_tracking(settings)
-    except TrackingUnavailable as e:
-        print(f"restpg: {e}", file=sys.stderr)
-        return 2
+    if STAGES[command].tracked:
+        try:  # before Spark starts: a stage that cannot record its run does no work
+            check_tracking(settings)
+        except TrackingUnavailable as e:
+            print(f"restpg: {e}", file=sys.stderr)
+            return 2
     from restpg.budgets import Unresolved
+    from restpg.filtering import NothingPassed
 
     try:
         result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
-    except Unresolved as e:
+    except (Unresolved, NothingPassed) as e:  # expected ends: one line on stderr, no traceback
         print(f"restpg: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1, default=str))
+        return 3 if isinstance(e, NothingPassed) else 2
+    print(f"result: {write_result(settings, command, result)}")
     return 0
 
 

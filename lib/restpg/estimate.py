@@ -61,17 +61,34 @@ def counts_of(records: list[dict], max_examples: int = 0) -> DataCounts:
     return DataCounts(min(train, max_examples) if max_examples else train, splits, len(items) + len(records))
 
 
-def data_counts(spark, settings: Settings) -> DataCounts:
-    """Counts of the run's examples: from the `examples` table, else the demo data of the profile."""
+def away(spark, settings: Settings) -> bool:
+    """A Unity Catalog profile in a session without its catalog (a local one, no workspace): no table to read."""
     from restpg import catalog
 
-    if catalog.exists(spark, settings, "examples"):
+    return settings.catalog.kind == "uc" and catalog.namespace(settings)[0] not in {c.name for c in spark.catalog.listCatalogs()}
+
+
+def has_examples(spark, settings: Settings) -> bool:
+    from restpg import catalog
+
+    return not away(spark, settings) and catalog.exists(spark, settings, "examples")
+
+
+def data_counts(spark, settings: Settings) -> DataCounts:
+    """Counts of the run's examples: from the `examples` table, else the demo data of the profile (also for
+    a Unity Catalog profile away from its workspace, whose stages an estimate still sizes)."""
+    from restpg import catalog
+
+    if has_examples(spark, settings):
         rows = catalog.read(spark, settings, "examples").select("split", "input", "user_id", "profile").collect()
         records = [r.asDict(recursive=True) for r in rows]
-    elif settings.data.source == "demo":
+    elif settings.data.source == "demo" or away(spark, settings):
         from restpg import demo_data
 
         d = settings.data
+        if d.source != "demo":
+            say(f"estimate: no catalog {settings.catalog.catalog!r} in this session (no workspace): inputs counted on "
+                f"the demo data ({d.demo_users} users per task), not {d.source}")
         # raw LongLaMP records: user ids live under task-specific keys, so an item is known by its content
         records = [{**r, "user_id": "", "profile": [{"item_id": "", "text": json.dumps(p, sort_keys=True)} for p in r["profile"]]}
                    for r in demo_data.generate(d.demo_users, d.demo_profile_items, d.demo_examples_per_user, d.demo_seed)]
@@ -169,19 +186,19 @@ def _hours(s: float | None) -> str:
 
 def table(work: list[Work], rates: dict) -> str:
     """One line per job, then the total and the EM iterations' share."""
-    head = f"{'stage':<16}{'t':>3} {'variant':<22}{'gen tokens':>11}{'outputs':>9}{'judge':>9}{'train tok':>11}{'embed':>8}{'hours':>8}"
+    head = f"{'stage':<16}{'t':>3} {'variant':<22}{'gen tokens':>11}{'outputs':>9}{'judge':>9}{'train tok':>11}{'embed':>8}{'hours':>10}"
     lines = [head, "-" * len(head)]
     for w in work:
         lines.append(f"{w.stage:<16}{'' if w.iteration is None else w.iteration:>3} {w.variant[:21]:<22}"
                      f"{_fmt(w.generated_tokens):>11}{_fmt(w.generated_outputs):>9}{_fmt(w.judge_passes):>9}"
-                     f"{_fmt(w.train_tokens):>11}{_fmt(w.embedded_texts):>8}{_hours(seconds(w, rates)):>8}")
+                     f"{_fmt(w.train_tokens):>11}{_fmt(w.embedded_texts):>8}{_hours(seconds(w, rates)):>10}")
     lines.append("-" * len(head))
     for label, rows in (("total", work), ("per EM iteration", [w for w in work if w.iteration == 1])):
         s = [seconds(w, rates) for w in rows]
         lines.append(f"{label:<42}{_fmt(sum(w.generated_tokens for w in rows)):>11}"
                      f"{_fmt(sum(w.generated_outputs for w in rows)):>9}{_fmt(sum(w.judge_passes for w in rows)):>9}"
                      f"{_fmt(sum(w.train_tokens for w in rows)):>11}{_fmt(sum(w.embedded_texts for w in rows)):>8}"
-                     f"{_hours(None if None in s else sum(s)):>8}")
+                     f"{_hours(None if None in s else sum(s)):>10}")
     return "\n".join(lines)
 
 
@@ -196,16 +213,16 @@ def totals(work: list[Work], rates: dict) -> dict:
 
 def budgeted(spark, settings: Settings) -> Settings:
     """`settings` with an `auto` response budget resolved from the examples table, or at its cap before ingest."""
-    from restpg import budgets, catalog
+    from restpg import budgets
 
-    if budgets.is_auto(settings) and not catalog.exists(spark, settings, "examples"):
+    if budgets.is_auto(settings) and not has_examples(spark, settings):
         p = settings.prompt
         say(f"estimate: no examples table yet: the auto response budget is counted at its cap, {p.max_response_cap} tokens")
         return dataclasses.replace(settings, prompt=dataclasses.replace(p, max_response_tokens=p.max_response_cap))
     return budgets.resolve(spark, settings)
 
 
-def run(spark, settings: Settings, *, run_id: str, bench: str | None = None) -> dict:
+def run(spark, settings: Settings, *, run_id: str | None, bench: str | None = None) -> dict:
     """Prints the table of a whole run of the profile and returns its totals."""
     settings = budgeted(spark, settings)
     counts = data_counts(spark, settings)

@@ -1,5 +1,6 @@
 """The policy in the MLflow registry: registering a trained checkpoint (a pyfunc tagged with its lineage)
-and finding which version belongs to a (variant, iteration) from those tags."""
+and finding which version belongs to a (variant, iteration) from those tags, read version by version
+(`get_model_version`) as Unity Catalog requires."""
 from __future__ import annotations
 
 from restpg.config import Settings
@@ -24,14 +25,25 @@ def trained_version(settings: Settings, variant: str, iteration: int) -> str | N
     from restpg.runtime import setup_mlflow
 
     setup_mlflow(settings)
-    name = settings.mlflow.policy_model_name
-    client = MlflowClient()
+    name, client = settings.mlflow.policy_model_name, MlflowClient()
+    for version in sorted(version_numbers(client, name), reverse=True):
+        tags = client.get_model_version(name, str(version)).tags
+        if tags.get("variant") == variant and str(tags.get("iteration")) == str(iteration):
+            return model_uri(settings, version)
+    return None
+
+
+def version_numbers(client, name: str) -> list[int]:
+    """Every version number of model `name`, all pages. Only numbers: on Unity Catalog the search results
+    carry no tags or aliases (read them with `get_model_version`), and its filter takes the name alone."""
     # an unknown name yields no versions; a registry that cannot be reached is an error, not "none yet"
-    versions = client.search_model_versions(f"name = '{name.replace(chr(39), chr(39) * 2)}'")
-    mine = [v for v in versions if v.tags.get("variant") == variant and str(v.tags.get("iteration")) == str(iteration)]
-    if not mine:
-        return None
-    return model_uri(settings, max(int(v.version) for v in mine))
+    query, numbers, token = f"name = '{name.replace(chr(39), chr(39) * 2)}'", [], None
+    while True:
+        page = client.search_model_versions(query, page_token=token)
+        numbers += [int(v.version) for v in page]
+        token = page.token
+        if not token:
+            return numbers
 
 
 def sampling_policy(settings: Settings, variant: str, iteration: int) -> str:

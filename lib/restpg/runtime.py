@@ -12,6 +12,45 @@ def on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+def tpu_present() -> bool:
+    return any(k in os.environ for k in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID")) or Path("/dev/accel0").exists()
+
+
+# Settings the libraries read from the environment, so Spark's Python workers, started with the driver's
+# environment, are as quiet as the driver; a value already set wins.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bars too
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "MLFLOW_LOGGING_LEVEL": "ERROR",
+    "TQDM_DISABLE": "1",
+}
+# MLflow's advice when a pyfunc is logged (in the driver; the messages start with a colour code)
+QUIET_WARNINGS = ("Add type hints to the `predict` method", "An input example was not provided")
+
+
+def quiet_third_party() -> None:
+    """Turn off third-party progress bars, advice and warnings (`restpg --verbose` keeps them); restpg's own
+    progress lines are untouched. Call before Spark starts and before transformers, MLflow or torch-xla load."""
+    import logging
+    import warnings
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if "PJRT_DEVICE" not in os.environ and not tpu_present():
+        os.environ["PJRT_DEVICE"] = "CPU"  # torch-xla's own choice here, without its warning on import
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    show = warnings.showwarning
+    if not getattr(show, "restpg_quiet", False):
+        # not a filter: MLflow logs models under its own "once" filter for UserWarning, which comes first
+        def showwarning(message, category, *args, **kwargs):
+            if not any(text in str(message) for text in QUIET_WARNINGS):
+                show(message, category, *args, **kwargs)
+
+        showwarning.restpg_quiet = True
+        warnings.showwarning = showwarning
+
+
 def get_spark(settings: Settings):
     """The cluster's session on Databricks; locally `local[*]` with Delta, warehouse under the home."""
     from pyspark.sql import SparkSession

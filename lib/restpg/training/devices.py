@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 
+from restpg.runtime import tpu_present
+
 log = logging.getLogger(__name__)
-
-
-def _tpu_present() -> bool:
-    return any(k in os.environ for k in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID")) or Path("/dev/accel0").exists()
 
 
 def pick_device(kind: str) -> tuple[torch.device, str]:
@@ -21,7 +18,7 @@ def pick_device(kind: str) -> tuple[torch.device, str]:
     process's first backward pass (autograd sizes its per-device queues then): a process that trains
     eagerly and then on XLA must call ``torch_xla.device()`` up front."""
     if kind == "xla":
-        if "PJRT_DEVICE" not in os.environ and not _tpu_present():
+        if "PJRT_DEVICE" not in os.environ and not tpu_present():
             os.environ["PJRT_DEVICE"] = "CPU"
         try:
             import torch_xla
