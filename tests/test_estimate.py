@@ -62,9 +62,12 @@ def test_reasoning_is_planned_only_when_a_variant_reasons(tmp_path):
     plain = estimate.plan(_settings(tmp_path, "loop.variants=[sft, rest_em]"), _counts())
     assert "reason" not in {w.stage for w in plain}
     assert {w.variant for w in plain if w.stage == "train"} == {"sft", "rest_em"}
-    reasoning = estimate.plan(_settings(tmp_path, "loop.variants=[rest_pg]"), _counts())
+    reasoning = estimate.plan(_settings(tmp_path, "loop.variants=[rest_pg]", "models.teacher=packaged:gemma3-270m"), _counts())
     (reason,) = [w for w in reasoning if w.stage == "reason"]
-    assert reason.generated_tokens == 10 * 40
+    assert (reason.generated_tokens, reason.generated_outputs) == (10 * 40, 10)
+    extractive = estimate.plan(_settings(tmp_path, "loop.variants=[rest_pg]", "models.teacher=extractive"), _counts())
+    (reason,) = [w for w in extractive if w.stage == "reason"]
+    assert (reason.generated_tokens, reason.generated_outputs) == (0, 0)  # slots written without a model
     assert {w.variant for w in reasoning if w.stage == "train"} == {"sft_reasoning", "rest_pg"}
 
 

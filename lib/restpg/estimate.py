@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from restpg import prompts
+from restpg import extractive, prompts
 from restpg import variants as V
 from restpg.config import Settings
 from restpg.tracking import say
@@ -120,9 +120,9 @@ def plan(settings: Settings, counts: DataCounts) -> list[Work]:
     em = [v for v in names if V.is_em(v)]
     train_n, m = counts.train_inputs, settings.sample.m
     work = [Work("retrieve", None, "", embedded_texts=counts.embed_texts)]
-    if any(V.uses_reasoning(v) for v in sft):
-        work.append(Work("reason", None, "teacher", generated_tokens=train_n * settings.prompt.max_reasoning_tokens,
-                         generated_outputs=train_n))
+    if any(V.uses_reasoning(v) for v in sft):  # the extractive teacher writes its slots without a model
+        n = 0 if extractive.is_extractive(settings.models.teacher) else train_n
+        work.append(Work("reason", None, "teacher", generated_tokens=n * settings.prompt.max_reasoning_tokens, generated_outputs=n))
     work += [_train(settings, v, 0) for v in sft]
     val = min(settings.validate.examples, counts.split_inputs.get(settings.validate.split, 0))
     base = sft[0] if sft else "sft"

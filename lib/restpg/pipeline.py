@@ -42,6 +42,7 @@ class Steps:
         self.spark, self.settings, self.force = spark, settings, set(force)
         self.results: dict[str, dict] = {}
         self.seconds: dict[str, float | None] = {}  # label → wall seconds of its run; None: skipped as complete
+        self.rss_after_train: dict[str, int] = {}  # train label → the driver's resident bytes after the job
         self.fingerprints: list[str] = []
         self._runs: dict[tuple[str, str], tuple[str, str]] | None = None  # (stage, slice) → (fingerprint, result)
 
@@ -77,6 +78,11 @@ class Steps:
                 mlflow.log_dict(result, "result.json")
             self._record(stage, slice_, fp, log, result)
             self.seconds[label] = time.time() - started
+            if stage == "train":
+                from restpg.runtime import release_memory, rss_bytes
+
+                release_memory()
+                self.rss_after_train[label] = rss_bytes()
         self.results[label] = result
         self.fingerprints.append(fp)
         return fp, result
@@ -291,4 +297,14 @@ def _report(steps: Steps, mean_reward, evaluated, promotion, notebooks_out, s: S
     lines.append(f"MLflow: {mlflow_uris(s)[0]}")
     lines.append(f"Plots: {evaluated.get('plot')}; notebook outputs: {notebooks_out}")
     lines += times_lines(steps.seconds)
+    lines.append(memory_line(steps.rss_after_train))
     print("\n".join(lines), flush=True)
+
+
+def memory_line(rss_after_train: dict[str, int]) -> str:
+    """The driver's peak resident memory, and its resident memory after each training job it ran."""
+    from restpg.runtime import peak_rss_bytes
+
+    after = "; ".join(f"{label.replace('train [', '').rstrip(']').replace('variant=', '').replace('iteration=', '')} "
+                      f"{n / 2**30:.2f}" for label, n in rss_after_train.items())
+    return f"Driver memory (GB): peak {peak_rss_bytes() / 2**30:.2f}" + (f"; after each training job: {after}" if after else "")

@@ -51,6 +51,36 @@ def quiet_third_party() -> None:
         warnings.showwarning = showwarning
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc `malloc_trim`): a training job's
+    freed tensors otherwise stay in the driver's resident memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def get_spark(settings: Settings):
     """The cluster's session on Databricks; locally `local[*]` with Delta, warehouse under the home."""
     from pyspark.sql import SparkSession
