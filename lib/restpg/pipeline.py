@@ -244,9 +244,14 @@ def teacher_line(r: dict) -> str:
             f"finished before the cap {_fmt(finished, '.0%')}")
 
 
+def short_label(label: str) -> str:
+    """A stage label for the summary: "train [variant=sft/iteration=0]" → "train [sft/0]"."""
+    return label.replace("variant=", "").replace("iteration=", "")
+
+
 def times_lines(seconds: dict, width: int = 100) -> list[str]:
     """"Stage times (s)": each stage label with its wall seconds (or "skipped"), packed into lines."""
-    cells = [f"{label.replace('variant=', '').replace('iteration=', '')} {'skipped' if t is None else f'{t:.0f}'}"
+    cells = [f"{short_label(label)} {'skipped' if t is None else f'{t:.0f}'}"
              for label, t in seconds.items()]
     total = sum(t for t in seconds.values() if t is not None)
     lines, line = [], f"Stage times (s), {total:.0f} in all:"
@@ -305,6 +310,6 @@ def memory_line(rss_after_train: dict[str, int]) -> str:
     """The driver's peak resident memory, and its resident memory after each training job it ran."""
     from restpg.runtime import peak_rss_bytes
 
-    after = "; ".join(f"{label.replace('train [', '').rstrip(']').replace('variant=', '').replace('iteration=', '')} "
+    after = "; ".join(f"{short_label(label).replace('train [', '').rstrip(']')} "
                       f"{n / 2**30:.2f}" for label, n in rss_after_train.items())
     return f"Driver memory (GB): peak {peak_rss_bytes() / 2**30:.2f}" + (f"; after each training job: {after}" if after else "")

@@ -16,6 +16,12 @@ def tpu_present() -> bool:
     return any(k in os.environ for k in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID")) or Path("/dev/accel0").exists()
 
 
+def default_pjrt_device() -> None:
+    """PJRT_DEVICE=CPU when unset and no TPU is here: torch-xla's own choice, without its warning on import."""
+    if "PJRT_DEVICE" not in os.environ and not tpu_present():
+        os.environ["PJRT_DEVICE"] = "CPU"
+
+
 # Settings the libraries read from the environment, so Spark's Python workers, started with the driver's
 # environment, are as quiet as the driver; a value already set wins.
 QUIET_ENV = {
@@ -37,8 +43,7 @@ def quiet_third_party() -> None:
 
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    if "PJRT_DEVICE" not in os.environ and not tpu_present():
-        os.environ["PJRT_DEVICE"] = "CPU"  # torch-xla's own choice here, without its warning on import
+    default_pjrt_device()
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     show = warnings.showwarning
     if not getattr(show, "restpg_quiet", False):

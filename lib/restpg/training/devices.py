@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from restpg.runtime import tpu_present
+from restpg.runtime import default_pjrt_device
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +18,7 @@ def pick_device(kind: str) -> tuple[torch.device, str]:
     process's first backward pass (autograd sizes its per-device queues then): a process that trains
     eagerly and then on XLA must call ``torch_xla.device()`` up front."""
     if kind == "xla":
-        if "PJRT_DEVICE" not in os.environ and not tpu_present():
-            os.environ["PJRT_DEVICE"] = "CPU"
+        default_pjrt_device()
         try:
             import torch_xla
 
