@@ -1,6 +1,7 @@
 """A real Spark standalone cluster: a master and two workers on 127.0.0.1, each its own JVM started from
 the pyspark installation (`spark-class`), each worker with its own executor and Python workers. A
-short pipeline (demo data → ingest → retrieve → sample → judge → filtering with the tiny model) runs against
+short pipeline (demo data → ingest → retrieve → sample with the tiny model: the two kinds of pandas UDF, the
+retriever's embedding and the policy's decoding, that every later stage reuses) runs against
 ``spark://127.0.0.1:<port>`` in a driver process of its own and must write the same rows as the same
 run on the suite's own ``local[2]`` session. The fixture stops exactly the processes it started, by pid, also on failure.
 """
@@ -114,7 +115,7 @@ def test_pipeline_on_a_standalone_cluster_writes_the_same_rows_as_local(cluster,
     assert {started_by for _, started_by in executors.values()} == {p.pid for p in cluster["procs"][1:]}
     a, b = sorted(pythons)
     assert pythons[a] and pythons[b] and not set(pythons[a]) & set(pythons[b])
-    for table in ("examples", "retrievals", "trajectories", "judge_scores", "training_sets"):
+    for table in ("examples", "retrievals", "trajectories"):
         assert on_cluster[table], table
         assert on_cluster[table] == local[table], table
     for p in cluster["procs"]:
@@ -133,8 +134,9 @@ def _driver(master: str, home: str, tiny: str, out: str) -> None:
 
 
 def _stages(spark, master: str, home: Path, tiny: str) -> dict:
-    """Demo data → ingest → retrieve → sample → judge → filtering (rest_em, t=1, the tiny model as policy,
-    the embedding reward) on `spark`; the rows each stage wrote, and the executors that ran its tasks."""
+    """Demo data → ingest → retrieve → sample (rest_em, t=1, the tiny model as policy) on `spark`; the rows each
+    stage wrote, and the executors that ran its tasks. (Judging runs the retriever's kind of UDF, filtering is
+    plain Spark SQL: the judge and filter tests cover them, on the suite's session.)"""
     from helpers import tiny_overrides
     from restpg import catalog, cli, demo_data
     from restpg.config import load_settings
@@ -147,8 +149,6 @@ def _stages(spark, master: str, home: Path, tiny: str) -> dict:
     cli.run_stage("ingest", spark, s, source=str(source), task=None, split=None)
     cli.run_stage("retrieve", spark, s)
     cli.run_stage("sample", spark, s, variant="rest_em", iteration=1, policy=tiny)
-    cli.run_stage("judge", spark, s, variant="rest_em", iteration=1, force=False)
-    cli.run_stage("filtering", spark, s, variant="rest_em", iteration=1)
 
     def rounded(v):  # a batch's float sums may differ in the last bits with the batch's composition
         if isinstance(v, float):
@@ -180,9 +180,7 @@ def _stages(spark, master: str, home: Path, tiny: str) -> dict:
     report = {"master": spark.sparkContext.master, "executors": executors, "python_pids_per_executor": pythons,
               "examples": rows("examples", ["example_id"], ("source_file",)),
               "retrievals": rows("retrievals", ["example_id"]),
-              "trajectories": rows("trajectories", ["example_id", "sample_index"]),
-              "judge_scores": rows("judge_scores", ["example_id", "sample_index"]),
-              "training_sets": rows("training_sets", ["example_id", "sample_index"])}
+              "trajectories": rows("trajectories", ["example_id", "sample_index"])}
     return report
 
 

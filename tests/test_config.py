@@ -141,3 +141,15 @@ def test_every_setting_has_help():
 def test_cli_reports_config_error(capsys):
     assert main(["config", "--set", "nope.x=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_the_local_m_step_continues_and_the_restart_ablation_compares_the_other_start():
+    """The paper's fresh base for every M-step on the scheduled profiles; on the 12-step local profile each M-step
+    continues from the policy that sampled its data, and `ablations restart` runs the start the profile does not."""
+    from restpg.ablations import other_start
+
+    starts = {p: load_settings(p).train.restart_from for p in ("local", "databricks", "paper-smoke")}
+    assert starts == {"local": "previous", "databricks": "base", "paper-smoke": "base"}
+    assert {s: other_start(s) for s in ("base", "previous")} == {"base": "previous", "previous": "base"}
+    with pytest.raises(KeyError):
+        other_start("latest")

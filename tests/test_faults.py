@@ -3,13 +3,14 @@ again, ends with exactly the rows of an uninterrupted run (no duplicate, no loss
 a corpus of malformed inputs never stops ingest; an unusable MLflow tracking store stops a stage
 with one line before any work. Prints ``faults: N survived, M failed`` (tests/conftest.py); `make test-faults` runs it.
 
-One tiny upstream home (ingest → retrieve → sft_data → SFT → E-step samples, in this process) is
-copied for every case: the killed run is a real `restpg <stage>` process (its Spark JVM and Python
+One tiny upstream home (ingest → retrieve → sft_data → SFT → E-step samples), built once per suite (under
+pytest-xdist by whichever worker comes first), is copied for every case: the killed run is a real `restpg <stage>` process (its Spark JVM and Python
 workers die with it), the rerun and the uninterrupted reference run in this process (for `sample`, the
 upstream home's own samples are the reference).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -44,21 +45,32 @@ def overrides(tiny: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def upstream(spark, tiny, tmp_path_factory):
-    """A home with examples, retrievals, the SFT model (registered) and rest_em's iteration-1 samples."""
-    root = tmp_path_factory.mktemp("faults")
-    s = make_settings(root / "upstream", *overrides(tiny))
-    source = demo_data.write(root / "demo.jsonl", users_per_task=1, profile_items=3, examples_per_user=3, seed=7)
-    for stage, args in (("ingest", {"source": str(source), "task": None, "split": None}), ("retrieve", {}),
-                        ("sft_data", {"variants": ["sft"]}), ("train", {"variant": "sft", "iteration": 0, "init_ref": None}),
-                        ("sample", {"variant": "rest_em", "iteration": 1, "policy": None})):
-        cli.run_stage(stage, spark, s, **args)
-    return root, overrides(tiny)
+    """A home with examples, retrievals, the SFT model (registered) and rest_em's iteration-1 samples. Built once
+    per suite: under pytest-xdist the first worker to get here builds it (the others wait on a file lock) and
+    every worker copies it per case, with the builder's settings (its tiny model's path among them)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the workers' common folder
+    root, lock = shared / "faults-upstream", shared / "faults-upstream.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if not (root / "settings.json").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a builder that failed halfway
+            s = make_settings(root / "upstream", *overrides(tiny))
+            source = demo_data.write(root / "demo.jsonl", users_per_task=1, profile_items=3, examples_per_user=3, seed=7)
+            for stage, args in (("ingest", {"source": str(source), "task": None, "split": None}), ("retrieve", {}),
+                                ("sft_data", {"variants": ["sft"]}),
+                                ("train", {"variant": "sft", "iteration": 0, "init_ref": None}),
+                                ("sample", {"variant": "rest_em", "iteration": 1, "policy": None})):
+                cli.run_stage(stage, spark, s, **args)
+            (root / "settings.json").write_text(json.dumps(overrides(tiny)))
+    cases = tmp_path_factory.mktemp("faults")
+    return root, cases, json.loads((root / "settings.json").read_text())
 
 
 def home_copy(upstream, name: str):
-    root, sets = upstream
-    shutil.copytree(root / "upstream", root / name)
-    return make_settings(root / name, *sets)
+    root, cases, sets = upstream
+    shutil.copytree(root / "upstream", cases / name)
+    return make_settings(cases / name, *sets)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -150,12 +162,12 @@ def test_kill_during_a_chunked_stage_then_rerun(stage, spark, upstream):
     argv, args, table, slice_, keys, same, label = CHUNKED[stage]
     killed_home = home_copy(upstream, f"{stage}-killed")
     if stage == "sample":  # the upstream run's samples are the uninterrupted reference; the killed home starts empty
-        reference_home = make_settings(upstream[0] / "upstream", *upstream[1])
+        reference_home = make_settings(upstream[0] / "upstream", *upstream[2])
         catalog.replace_slice(spark, killed_home, catalog.read_slice(spark, killed_home, table, slice_).limit(0), table, slice_, "reset")
     else:
         reference_home = home_copy(upstream, f"{stage}-whole")
 
-    killed, lines = kill_when(killed_home, upstream[1], argv, committed(label))
+    killed, lines = kill_when(killed_home, upstream[2], argv, committed(label))
     assert killed, "the stage finished before it could be killed:\n" + "".join(lines[-20:])
     partial = rows_of(spark, killed_home, table, slice_) if catalog.exists(spark, killed_home, table) else None
 
@@ -181,7 +193,7 @@ def test_kill_during_training_then_resume(spark, upstream):
 
     killed_home, reference_home = home_copy(upstream, "train-killed"), home_copy(upstream, "train-whole")
     states = killed_home.home_dir / "checkpoints"
-    killed, lines = kill_when(killed_home, upstream[1], ["train", "--variant", "sft", "--iteration", "0"],
+    killed, lines = kill_when(killed_home, upstream[2], ["train", "--variant", "sft", "--iteration", "0"],
                               lambda _: any(states.glob("*/resume/state-*/state.pt")))
     assert killed, "training finished before it could be killed:\n" + "".join(lines[-20:])
     args = {"variant": "sft", "iteration": 0, "init_ref": None}

@@ -216,6 +216,7 @@ def test_unknown_candidates_fail_early(spark, tmp_path, candidate, error):
 VAL = ["ex-v1", "ex-v2"]
 
 
+@pytest.mark.e2e  # promote → evaluate → the policy's decoding: not run again on the compat runtime (make test-compat)
 def test_promote_scores_candidate_and_champion_itself(spark, tiny, tmp_path):
     """The scheduled path's bug: a champion exists and nothing wrote validation scores (evaluate scores
     the test split). Promotion must score both on the validation split itself, not compare nothing."""

@@ -583,7 +583,8 @@ def test_restart_from_previous_starts_from_the_sampling_policy(stage, spark, tin
     import mlflow
 
     settings, sft, sft_calls, _ = stage
-    assert train.start_ref(settings, "rest_em", 1) == tiny  # restart_from=base (the paper): a fresh base
+    base = dataclasses.replace(settings, train=dataclasses.replace(settings.train, restart_from="base"))
+    assert train.start_ref(base, "rest_em", 1) == tiny  # restart_from=base (the paper): a fresh base
     previous = dataclasses.replace(settings, train=dataclasses.replace(settings.train, restart_from="previous"))
     assert train.start_ref(previous, "rest_em", 0) == tiny  # SFT always starts from the base policy
     calls = []

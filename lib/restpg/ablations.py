@@ -3,8 +3,8 @@ Figures 2-4 can be drawn in SQL.
 
 - budget: one EM iteration of REST-PG per exploration budget m (variant `rest_pg:m=<m>`);
 - iterations: each EM iteration's REST-PG and ReST-EM policy evaluated (variant `<v>:t=<t>`);
-- restart: REST-PG for T iterations continuing from the previous checkpoint (`rest_pg:previous`)
-  against the fresh-base main run (`rest_pg:base`).
+- restart: REST-PG for T iterations with the other M-step start than the profile's `train.restart_from`
+  (`rest_pg:previous` against the main run's `rest_pg:base`, or the other way round).
 """
 from __future__ import annotations
 
@@ -48,13 +48,20 @@ def iterations(spark, settings: Settings, run_id: str) -> dict:
     return evaluate.run(spark, settings, policies=policies, ablation="iterations", run_id=run_id)
 
 
+def other_start(restart_from: str) -> str:
+    """The M-step start the restart ablation compares with the profile's own."""
+    return {"base": "previous", "previous": "base"}[restart_from]
+
+
 def restart(spark, settings: Settings, run_id: str) -> dict:
-    s = dataclasses.replace(settings, train=dataclasses.replace(settings.train, restart_from="previous"))
-    variant = "rest_pg:previous"
+    main = settings.train.restart_from
+    other = other_start(main)
+    s = dataclasses.replace(settings, train=dataclasses.replace(settings.train, restart_from=other))
+    variant = f"rest_pg:{other}"
     for t in range(1, settings.loop.iterations + 1):
         if registry.trained_version(s, variant, t) is None:
             em_iteration(spark, s, variant, t, run_id)
-    policies = {"rest_pg:base": registry.final_policy(settings, "rest_pg", settings.loop.iterations),
+    policies = {f"rest_pg:{main}": registry.final_policy(settings, "rest_pg", settings.loop.iterations),
                 variant: registry.trained_version(s, variant, settings.loop.iterations)}
     return evaluate.run(spark, settings, policies=policies, ablation="restart", run_id=run_id)
 
