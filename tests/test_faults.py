@@ -4,8 +4,8 @@ a corpus of malformed inputs never stops ingest; an unusable MLflow tracking sto
 with one line before any work. Prints ``faults: N survived, M failed`` (tests/conftest.py); `make test-faults` runs it.
 
 One tiny upstream home (ingest → retrieve → sft_data → SFT → E-step samples), built once per suite (under
-pytest-xdist by whichever worker comes first), is copied for every case: the killed run is a real `restpg <stage>` process (its Spark JVM and Python
-workers die with it), the rerun and the uninterrupted reference run in this process (for `sample`, the
+pytest-xdist by whichever worker comes first), is copied for every case: the killed run is a real
+`restpg <stage>` process (its Spark JVM and Python workers die with it), the rerun and the uninterrupted reference run in this process (for `sample`, the
 upstream home's own samples are the reference).
 """
 from __future__ import annotations
