@@ -65,8 +65,8 @@ def run(spark, settings: Settings, *, variant: str, iteration: int = 0, run_id: 
     variants.get(variant)
     _check_active_run(run_id)
     cfg = settings.train
+    version, rows = read_rows(spark, settings, variant, iteration)  # an empty slice fails before any start lookup
     init_ref = models.resolve_ref(init_ref or start_ref(settings, variant, iteration), settings)
-    version, rows = read_rows(spark, settings, variant, iteration)
     tokenizer = models.load_tokenizer(init_ref, settings)
     cap = generation.output_cap(settings, variant)
     data = featurize(tokenizer, rows, max_prompt_tokens=settings.prompt.max_input_tokens, max_completion_tokens=cap)
