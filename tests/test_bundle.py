@@ -1,9 +1,10 @@
 """The Databricks bundle, checked without a workspace: databricks.yml + resources/*.yml are read with
-PyYAML, `${var.X}` is replaced by the target's variable values, every job must load as a
-`databricks.bundles.jobs.Job`, and every task must be runnable: its entry point exists, its
-sub-command parses its parameters, its profile overrides are known settings, and it runs on the
-compute it needs, and every task value a task reads is one its upstream stage publishes. No Spark,
-no network."""
+PyYAML, `${var.X}` is replaced by the target's variable values and `${resources.<kind>.<key>.name}` by
+the name the target deploys (dev's per-user prefix included), every job must load as a
+`databricks.bundles.jobs.Job` and every schema, Volume and registered model as its databricks-bundles
+class, and every task must be runnable: its entry point exists, its sub-command parses its parameters,
+its profile overrides are known settings, it runs on its role's compute with a timeout, retries and a
+failure email, and it reads no task value. No Spark, no network."""
 from __future__ import annotations
 
 import copy
@@ -23,15 +24,25 @@ JOBS_DIR = ROOT / "jobs"
 EM_VARIANTS = ["rest_em", "rest_pg"]
 SFT_VARIANTS = ["sft", "sft_reasoning"]
 ITERATIONS = (1, 2, 3)
+TARGETS = ["dev", "staging", "prod"]
+# The compute each stage needs (databricks.yml, "Compute per role"): the policy (and the small retriever)
+# on sampling nodes, the 7B teacher and judge on teacher_judge nodes (evaluate, promote, validate_reward
+# and sparse_eval run the judge), training on its own train nodes, tables on CPUs. The single-task
+# pipeline trains in its driver and runs every model on its workers.
+ROLES = {"ingest": "cpu", "sft_data": "cpu", "filtering": "cpu",
+         "retrieve": "sampling", "sample": "sampling", "user_profiles": "sampling", "peer_retrieve": "sampling",
+         "generate": "sampling",
+         "reason": "teacher_judge", "pat_sft": "teacher_judge", "judge": "teacher_judge", "validate_reward": "teacher_judge",
+         "evaluate": "teacher_judge", "promote": "teacher_judge", "sparse_eval": "teacher_judge",
+         "train": "train", "pipeline": "teacher_judge"}
 # Entry points that load a model (retriever, teacher, policy, judge) or train one.
-# promote generates and judges too: it scores candidate, champion and baselines on the validation split.
-GPU_STAGES = {"retrieve", "reason", "validate_reward", "train", "sample", "judge", "evaluate", "promote", "pipeline",
-              "user_profiles", "peer_retrieve", "pat_sft", "sparse_eval"}
+GPU_STAGES = {stage for stage, role in ROLES.items() if role != "cpu"}
 RETIRED = {"synthesize_reasoning", "build_sft", "filter"}  # old stage names that must not come back
-# Bundle substitutions other than variables, with a stand-in value.
-OTHER_REFS = {"bundle.name": "restpg", "bundle.target": "dev", "workspace.current_user.userName": "someone@example.com"}
+# Bundle substitutions other than variables and resources, with a stand-in value.
+USER = {"workspace.current_user.userName": "someone@example.com", "workspace.current_user.short_name": "someone"}
 VAR_REF = re.compile(r"\$\{([\w.-]+)\}")
 DYNAMIC_REF = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+UC_KINDS = ("schemas", "volumes", "registered_models", "experiments")
 
 
 def _yaml(path: Path) -> dict:
@@ -47,13 +58,19 @@ def _variables(target: str) -> dict:
     return values
 
 
-def _substitute(value, variables: dict):
-    """Replace `${var.X}` (and the few other substitutions used) the way `bundle validate` would; a
-    value that is exactly one reference keeps the variable's type (num_workers stays an int)."""
+def _other_refs(target: str, user: dict | None = None) -> dict:
+    return {"bundle.name": "restpg", "bundle.target": target, **(user or USER)}
+
+
+def _substitute(value, variables: dict, refs: dict | None = None):
+    """Replace `${var.X}`, `${resources...}` and the few other substitutions used the way `bundle validate`
+    would; a value that is exactly one reference keeps its type (num_workers stays an int, a complex
+    variable stays a list)."""
+    refs = refs if refs is not None else _other_refs("dev")
     if isinstance(value, dict):
-        return {k: _substitute(v, variables) for k, v in value.items()}
+        return {k: _substitute(v, variables, refs) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, variables) for v in value]
+        return [_substitute(v, variables, refs) for v in value]
     if not isinstance(value, str):
         return value
 
@@ -61,9 +78,9 @@ def _substitute(value, variables: dict):
         if ref.startswith("var."):
             name = ref[len("var."):]
             assert name in variables, f"${{{ref}}} is not a declared bundle variable"
-            return variables[name]
-        assert ref in OTHER_REFS, f"unexpected substitution ${{{ref}}}"
-        return OTHER_REFS[ref]
+            return _substitute(variables[name], variables, refs)
+        assert ref in refs, f"unexpected substitution ${{{ref}}}"
+        return refs[ref]
 
     whole = VAR_REF.fullmatch(value)
     if whole:
@@ -71,17 +88,62 @@ def _substitute(value, variables: dict):
     return VAR_REF.sub(lambda m: str(lookup(m.group(1))), value)
 
 
-def _jobs(target: str = "dev") -> dict[str, dict]:
-    variables = _variables(target)
-    jobs = {}
+def _declared(kind: str) -> dict:
+    """Raw declarations of one resource kind across resources/*.yml."""
+    found = {}
     for path in sorted(RESOURCES.glob("*.yml")):
-        for name, job in (_yaml(path).get("resources", {}).get("jobs") or {}).items():
-            assert name not in jobs, f"job {name} declared twice"
-            jobs[name] = _substitute(job, variables)
+        for key, spec in ((_yaml(path).get("resources") or {}).get(kind) or {}).items():
+            assert key not in found, f"{kind}.{key} declared twice"
+            found[key] = spec
+    return found
+
+
+def _deployed_name(kind: str, name: str, target: str, short_name: str) -> str:
+    """The name a target deploys: development mode prefixes UC schemas and registered models with
+    dev_<short name>_ and an experiment's last path element with [dev <short name>] (the CLI's
+    apply_presets.go); Volumes keep their name, inside the prefixed schema."""
+    if BUNDLE["targets"][target].get("mode") != "development":
+        return name
+    if kind in ("schemas", "registered_models"):
+        return f"dev_{short_name}_{name}"
+    if kind == "experiments":
+        head, _, base = name.rpartition("/")
+        return f"{head}/[dev {short_name}] {base}"
+    return name
+
+
+def _refs(target: str, user: dict | None = None) -> dict:
+    """Every substitution a target resolves: users, bundle, and `resources.<kind>.<key>.name`."""
+    user = user or USER
+    refs, variables = _other_refs(target, user), _variables(target)
+    for kind in UC_KINDS:  # names reference only variables and the user, never another resource
+        for key, spec in _declared(kind).items():
+            name = _substitute(spec["name"], variables, refs)
+            refs[f"resources.{kind}.{key}.name"] = _deployed_name(kind, name, target, user["workspace.current_user.short_name"])
+    return refs
+
+
+def _resources(target: str, kind: str) -> dict:
+    """One kind of resource as a target deploys it: target overrides merged (their grants and permissions
+    appended, as the CLI merges sequences), then substituted."""
+    merged = copy.deepcopy(_declared(kind))
+    for key, override in ((BUNDLE["targets"][target].get("resources") or {}).get(kind) or {}).items():
+        assert key in merged, f"target {target} overrides undeclared {kind}.{key}"
+        for field, value in override.items():
+            merged[key][field] = merged[key].get(field, []) + value if isinstance(value, list) else value
+    return _substitute(merged, _variables(target), _refs(target))
+
+
+def _jobs(target: str = "dev", user: dict | None = None, raw: bool = False) -> dict[str, dict]:
+    variables, refs = _variables(target), _refs(target, user)
+    jobs = {}
+    for name, job in _declared("jobs").items():
+        jobs[name] = copy.deepcopy(job) if raw else _substitute(job, variables, refs)
     return jobs
 
 
 JOBS = _jobs()
+RAW_JOBS = _jobs(raw=True)
 
 
 def _all_tasks(job: dict):
@@ -92,8 +154,8 @@ def _all_tasks(job: dict):
             yield task["for_each_task"]["task"], task
 
 
-def _runnable_tasks():
-    return [(name, job, task, parent) for name, job in JOBS.items() for task, parent in _all_tasks(job)
+def _runnable_tasks(jobs: dict | None = None):
+    return [(name, job, task, parent) for name, job in (jobs or JOBS).items() for task, parent in _all_tasks(job)
             if "for_each_task" not in task]
 
 
@@ -176,6 +238,28 @@ def _subcommand(entry_point: Path) -> str:
     return m.group(1)
 
 
+def _require_stage(stage: str) -> None:
+    """The generate stage's code lands separately from its bundle job (issue 26): until it is registered,
+    the checks that need its sub-command are skipped, never anything else's."""
+    if stage == "generate" and stage not in STAGES:
+        pytest.skip("the generate stage is not registered in restpg.cli yet")
+
+
+def _settings(task: dict, job: dict, parent: dict | None, tmp_path):
+    """The settings a task's parameters give (its sub-command parses them; unknown keys are errors)."""
+    from restpg.cli import build_parser
+    from restpg.config import load_settings
+
+    command = _subcommand(_entry_point(task))
+    _require_stage(command)
+    argv = [command] + [_resolve_dynamic(job, task, parent, str(a)) for a in task["spark_python_task"]["parameters"]]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{task['task_key']}: `restpg {' '.join(argv)}` does not parse (exit {e.code})")
+    return load_settings(args.profile, args.overrides, home=str(tmp_path)), args
+
+
 def test_bundle_settings():
     assert BUNDLE["bundle"]["name"] == "restpg"
     assert BUNDLE["include"] == ["resources/*.yml"]
@@ -183,12 +267,15 @@ def test_bundle_settings():
     assert artifact["type"] == "whl" and (ROOT / artifact.get("path", ".") / "setup.py").is_file()
     assert "bdist_wheel" in artifact["build"] or "uv build --wheel" in artifact["build"]
     declared = set(BUNDLE["variables"])
-    assert {"catalog", "schema", "profile", "policy_model_name", "gpu_node_type", "cpu_node_type", "spark_version",
-            "cron", "timezone"} <= declared
+    assert {"catalog", "schema", "profile", "sampling_node_type", "teacher_judge_node_type", "train_node_type",
+            "cpu_node_type", "spark_version", "cron", "timezone", "service_principal", "data_team_group",
+            "failure_emails"} <= declared
     assert all("default" in spec and spec.get("description") for spec in BUNDLE["variables"].values())
     targets = BUNDLE["targets"]
+    assert set(targets) == set(TARGETS)
     assert targets["dev"]["mode"] == "development" and targets["dev"]["default"] is True
     assert targets["prod"]["mode"] == "production" and _variables("prod")["catalog"] == "prod"
+    assert _variables("staging")["catalog"] == "staging"
     for name, target in targets.items():
         assert set(target.get("variables") or {}) <= declared, f"target {name} sets an undeclared variable"
 
@@ -203,7 +290,7 @@ def _runtime(spark_version: str) -> str:
     return m.group(1) if "." in m.group(1) else f"{m.group(1)}.0"
 
 
-@pytest.mark.parametrize("target", ["dev", "prod"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_bundle_runtime_is_the_one_test_compat_checks(target):
     """Every cluster runs a supported Spark 4 / MLflow 3 ML runtime, and the GPU and CPU clusters the
     same release: the lowest supported one, whose pyspark / delta-spark / mlflow versions
@@ -221,12 +308,12 @@ def test_bundle_runtime_is_the_one_test_compat_checks(target):
     assert versions and {_runtime(v) for v in versions} == {lowest}
 
 
-@pytest.mark.parametrize("target", ["dev", "prod"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_jobs_load_as_databricks_bundles_jobs(target):
     from databricks.bundles.jobs import Job
 
     jobs = _jobs(target)
-    assert {"restpg_pipeline", "restpg_promote"} <= set(jobs)
+    assert {"restpg_pipeline", "restpg_promote", "restpg_pat", "restpg_generate"} <= set(jobs)
     for name, job_dict in jobs.items():
         job = Job.from_dict(copy.deepcopy(job_dict))  # rejects unknown fields and wrong types
         assert len(job.tasks) == len(job_dict["tasks"]), name
@@ -291,7 +378,60 @@ def test_task_compute(entry):
             assert conf.get("spark.task.resource.gpu.amount") == "1", task["task_key"]
             assert conf.get("spark.python.worker.reuse") == "true", task["task_key"]
         else:
-            assert cluster.get("spark_env_vars", {}).get("PJRT_DEVICE") == "CUDA", "torch-xla would train on PJRT CPU"
+            assert cluster["num_workers"] == 0, f"{task['task_key']}: training runs in the driver of a single node"
+
+
+def test_databricks_training_runs_on_cuda_without_torch_xla():
+    """The ML runtime's torch has no torch-xla: the profile trains on CUDA and no cluster asks for PJRT."""
+    from restpg.config import load_settings
+
+    assert load_settings(BUNDLE["variables"]["profile"]["default"]).train.device == "cuda"
+    envs = [c.get("spark_env_vars", {}) for job in JOBS.values() for c in
+            [jc["new_cluster"] for jc in job.get("job_clusters", [])] + [t["new_cluster"] for t, _ in _all_tasks(job) if "new_cluster" in t]]
+    assert envs and not [e for e in envs if "PJRT_DEVICE" in e]
+
+
+@pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
+def test_task_runs_on_its_roles_node_type(entry):
+    """Each role has its own node type variable (sized for its models in databricks.yml), and a task runs
+    on its stage's role: a larger-memory GPU for the 7B teacher and judge, 80 GB GPUs for training."""
+    name, _, task, parent = entry
+    raw_job = RAW_JOBS[name]
+    [raw] = [t for t, p in _all_tasks(raw_job) if t["task_key"] == task["task_key"]]
+    cluster = _cluster(raw_job, raw)
+    role = ROLES[_entry_point(task).stem]
+    assert cluster["node_type_id"] == f"${{var.{role}_node_type}}", f"{name}.{task['task_key']} runs {role} work"
+    if role == "train":
+        assert cluster["num_workers"] == 0 and "driver_node_type_id" not in cluster
+    elif _entry_point(task).stem == "pipeline":  # the single task trains in its driver
+        assert cluster["driver_node_type_id"] == "${var.train_node_type}"
+    if role != "cpu":
+        assert cluster["num_workers"] in (0, 1, f"${{var.{role}_workers}}"), f"{name}.{task['task_key']}"
+
+
+# Model sizes of the profile's models (their HF config.json): layers, KV heads, head dim, parameters.
+MODEL_DIMS = {"google/gemma-2b": (18, 1, 256, 2.51e9), "google/gemma-7b-it": (28, 16, 256, 8.54e9)}
+
+
+def _kv_kib_per_token(model: str) -> int:
+    layers, kv_heads, head_dim, _ = MODEL_DIMS[model]
+    return 2 * layers * kv_heads * head_dim * 2 // 1024  # K and V, bf16
+
+
+def test_node_type_descriptions_carry_the_memory_arithmetic_of_the_profiles_models():
+    """The node types are sized for the profile's models: a profile that names another model must come
+    with its dims here and node types whose descriptions say why they fit."""
+    from restpg.config import load_settings
+
+    models = load_settings(BUNDLE["variables"]["profile"]["default"]).models
+    assert {models.policy, models.teacher, models.judge} <= set(MODEL_DIMS)
+    variables = BUNDLE["variables"]
+    for role, model in (("sampling", models.policy), ("teacher_judge", models.teacher), ("teacher_judge", models.judge)):
+        text = " ".join(variables[f"{role}_node_type"]["description"].split())
+        weights_gb = round(MODEL_DIMS[model][3] * 2 / 1e9)
+        assert f"{_kv_kib_per_token(model)} KiB" in text and f"{weights_gb} GB" in text, (role, model, text)
+    train = " ".join(variables["train_node_type"]["description"].split())
+    assert "80 GB" in train and "bytes/param" in train
 
 
 @pytest.mark.parametrize("workers", [1, 4])
@@ -301,10 +441,8 @@ def test_every_training_task_takes_its_process_count_from_the_bundle(workers, tm
     from restpg.cli import build_parser
     from restpg.config import load_settings
 
-    jobs = {}
-    for path in sorted(RESOURCES.glob("*.yml")):
-        for name, job in (_yaml(path).get("resources", {}).get("jobs") or {}).items():
-            jobs[name] = _substitute(job, {**_variables("dev"), "train_workers": workers})
+    jobs = {name: _substitute(job, {**_variables("dev"), "train_workers": workers}, _refs("dev"))
+            for name, job in _declared("jobs").items()}
     trains = [t for job in jobs.values() for t, _ in _all_tasks(job)
               if "spark_python_task" in t and _entry_point(t).stem == "train"]
     assert len(trains) >= 4  # SFT and the three M-steps of the pipeline, and PAT's
@@ -314,26 +452,20 @@ def test_every_training_task_takes_its_process_count_from_the_bundle(workers, tm
         train = load_settings(args.profile, args.overrides, home=str(tmp_path)).train
         assert train.num_workers == workers, task["task_key"]
         # resume states and selected weights where every training process and the driver can read them
-        assert train.checkpoint_root == "/Volumes/main/restpg/checkpoints", task["task_key"]
+        assert train.checkpoint_root == "/Volumes/main/dev_someone_restpg/checkpoints", task["task_key"]
 
 
 @pytest.mark.parametrize("entry", _runnable_tasks(), ids=_task_id)
 def test_task_parameters_parse_with_the_restpg_cli(entry, tmp_path):
-    from restpg.cli import STAGES, build_parser
-    from restpg.config import load_settings
-
     _, job, task, parent = entry
     command = _subcommand(_entry_point(task))
+    _require_stage(command)
     assert command == _entry_point(task).stem and command in STAGES, \
         f"{task['task_key']}: jobs/{_entry_point(task).name} must run the stage of its own name"
-    argv = [command] + [_resolve_dynamic(job, task, parent, str(a)) for a in task["spark_python_task"]["parameters"]]
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        pytest.fail(f"{task['task_key']}: `restpg {' '.join(argv)}` does not parse (exit {e.code})")
+    settings, args = _settings(task, job, parent, tmp_path)  # ConfigError on an unknown key
     assert args.profile == "databricks"
-    settings = load_settings(args.profile, args.overrides, home=str(tmp_path))  # ConfigError on an unknown key
-    assert settings.catalog.catalog == "main" and settings.mlflow.policy_model_name == "main.restpg.policy"
+    assert settings.catalog.catalog == "main" and settings.catalog.schema == "dev_someone_restpg"
+    assert settings.mlflow.policy_model_name == "main.dev_someone_restpg.dev_someone_policy"
 
 
 @pytest.mark.parametrize("name", sorted(JOBS))
@@ -344,6 +476,7 @@ def test_task_keys_are_stage_names(name):
         key = task["task_key"]
         runs = task["for_each_task"]["task"] if "for_each_task" in task else task
         stage = _entry_point(runs).stem
+        _require_stage(stage)
         assert stage in STAGES, f"{name}.{key}: runs jobs/{stage}.py, not a stage"
         assert re.fullmatch(rf"{stage}(_\d+)?", key), f"{name}: task {key!r} runs stage {stage!r}: name it after the stage"
         if runs is not task:
@@ -386,11 +519,33 @@ def test_task_value_references_must_be_published(ref, error):
             _resolve_dynamic(job, job["tasks"][1], None, ref)
 
 
-def test_promote_reads_the_candidate_evaluate_publishes():
+def test_no_task_reads_a_task_value_and_the_pipelines_promote_chooses_its_candidate():
+    """`dbutils.jobs.taskValues.set` is documented for notebooks only, and these are Python script tasks:
+    no task may depend on a task value. The pipeline's promote gets no candidate, so the stage takes the
+    final REST-PG policy from the registry itself (what evaluate scored; tests/test_promote.py runs it)."""
+    reads = [f"{name}.{t['task_key']}" for name, job in JOBS.items() for t, _ in _all_tasks(job) if "spark_python_task" in t
+             for a in t["spark_python_task"]["parameters"] for m in DYNAMIC_REF.finditer(str(a)) if m.group(1).startswith("tasks.")]
+    assert not reads, f"tasks reading task values: {reads}"
     tasks = {t["task_key"]: t for t in JOBS["restpg_pipeline"]["tasks"]}
-    params = tasks["promote"]["spark_python_task"]["parameters"]
-    assert params[params.index("--candidate") + 1] == "{{tasks.evaluate.values.candidate_version}}"
-    assert "candidate_version" in _published_by("evaluate")
+    assert "--candidate" not in tasks["promote"]["spark_python_task"]["parameters"]
+
+
+def test_a_script_task_that_cannot_publish_its_task_value_still_succeeds(monkeypatch):
+    """On a Databricks script task `dbutils.jobs.taskValues.set` may be missing or fail: evaluate goes on,
+    records the value and says it was not published."""
+    from restpg import evaluate, tracking
+
+    def no_notebook():
+        raise RuntimeError("taskValues is only available in notebooks")
+
+    said = []
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    monkeypatch.setattr(tracking, "_dbutils", no_notebook)
+    monkeypatch.setattr(tracking, "say", said.append)
+    monkeypatch.setattr(tracking, "published", {})
+    assert evaluate.publish_candidate({"sft": "models:/p/3", "rest_pg": "models:/p/9"}) == ("rest_pg", "9")
+    assert tracking.published == {"candidate_version": "9"}
+    assert said and "not published" in said[-1]
 
 
 def test_pipeline_runs_the_stages_in_order():
@@ -437,10 +592,124 @@ def test_pat_job_trains_pat_through_the_profiles_iterations_before_the_sweep():
         assert params[params.index("--variant") + 1] == "pat" and params[params.index("--iteration") + 1] == key.split("_")[1]
 
 
-@pytest.mark.parametrize("target,pause", [("dev", "PAUSED"), ("prod", "UNPAUSED")])
+@pytest.mark.parametrize("target,pause", [("dev", "PAUSED"), ("staging", "PAUSED"), ("prod", "UNPAUSED")])
 def test_pipeline_schedule(target, pause):
     schedule = _jobs(target)["restpg_pipeline"]["schedule"]
     fields = schedule["quartz_cron_expression"].split()
     assert len(fields) in (6, 7) and "?" in (fields[3], fields[5]), "Quartz: sec min hour day month weekday [year]"
     assert schedule["timezone_id"]
     assert schedule["pause_status"] == pause
+
+
+@pytest.mark.parametrize("entry", [e for e in _runnable_tasks() if _entry_point(e[2]).stem in GPU_STAGES], ids=_task_id)
+def test_every_gpu_task_has_a_timeout_retries_and_a_failure_email(entry):
+    """A GPU task runs for hours: it is bounded, retried (also after a timeout: every stage resumes or
+    rewrites its own slice, training from its last checkpoint on the Volume) after a pause that lets spot
+    capacity come back, and tells `failure_emails` when it fails for good."""
+    name, _, task, _ = entry
+    assert 3600 <= task.get("timeout_seconds", 0) <= 3 * 86400, f"{name}.{task['task_key']}: timeout_seconds"
+    assert task.get("max_retries", 0) >= 1 and task.get("min_retry_interval_millis", 0) >= 60_000
+    assert task.get("retry_on_timeout") is True
+    assert task.get("email_notifications", {}).get("on_failure") == ["someone@example.com"]  # the deployer, in dev
+    [raw] = [t for t, _ in _all_tasks(RAW_JOBS[name]) if t["task_key"] == task["task_key"]]
+    assert raw["email_notifications"]["on_failure"] == "${var.failure_emails}"
+    assert BUNDLE["variables"]["failure_emails"]["type"] == "complex"
+
+
+@pytest.mark.parametrize("kind, classes", [
+    ("schemas", "databricks.bundles.schemas:Schema"),
+    ("volumes", "databricks.bundles.volumes:Volume"),
+    ("registered_models", "databricks.bundles.registered_models:RegisteredModel"),
+    ("experiments", "databricks.bundles.experiments:MlflowExperiment"),
+])
+@pytest.mark.parametrize("target", TARGETS)
+def test_schema_volumes_model_and_experiment_are_declared_with_grants(target, kind, classes):
+    """Deploying creates where the jobs write, and gives the data team's group read access (the inputs
+    Volume: write too); they load as databricks-bundles resources (unknown fields and privileges fail)."""
+    module, cls = classes.split(":")
+    loader = getattr(importlib.import_module(module), cls)
+    declared = _resources(target, kind)
+    expected = {"schemas": {"restpg"}, "volumes": {"checkpoints", "models", "inputs"},
+                "registered_models": {"policy"}, "experiments": {"restpg"}}[kind]
+    assert set(declared) == expected
+    group = _variables(target)["data_team_group"]
+    for key, spec in declared.items():
+        loader.from_dict(copy.deepcopy(spec))
+        if kind == "experiments":
+            assert {"group_name": group, "level": "CAN_READ"} in spec["permissions"]
+            continue
+        privileges = {p for g in spec["grants"] if g["principal"] == group for p in g["privileges"]}
+        needed = {"schemas": {"USE_SCHEMA", "SELECT"}, "volumes": {"READ_VOLUME"}, "registered_models": {"EXECUTE"}}[kind]
+        assert needed <= privileges, f"{kind}.{key}: {group} has {sorted(privileges)}"
+        if kind != "schemas":  # inside the schema the bundle creates (prefixed in dev)
+            assert spec["schema_name"] == _refs(target)["resources.schemas.restpg.name"] and spec["catalog_name"] == _variables(target)["catalog"]
+    if kind == "volumes":
+        writers = {g["principal"] for g in declared["inputs"]["grants"] if "WRITE_VOLUME" in g["privileges"]}
+        assert group in writers, "the data team uploads LongLaMP files to the inputs Volume"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_tasks_write_where_the_bundle_declares(target, tmp_path):
+    """Every task's schema, registered model, experiment and checkpoint root are the declared resources as
+    the target deploys them: the model name is catalog.schema.policy, never a variable that can disagree."""
+    assert "policy_model_name" not in BUNDLE["variables"]
+    refs, catalog = _refs(target), _variables(target)["catalog"]
+    schema, model = refs["resources.schemas.restpg.name"], refs["resources.registered_models.policy.name"]
+    [volume] = [v for v in _resources(target, "volumes").values() if v["name"] == "checkpoints"]
+    sources = {p["default"] for job in _jobs(target).values() for p in job.get("parameters", []) if p["name"] == "source"}
+    assert sources == {f"/Volumes/{catalog}/{schema}/inputs/longlamp"}
+    for name, job, task, parent in _runnable_tasks(_jobs(target)):
+        if _entry_point(task).stem == "generate" and "generate" not in STAGES:
+            continue
+        settings, _ = _settings(task, job, parent, tmp_path)
+        assert (settings.catalog.catalog, settings.catalog.schema) == (catalog, schema), f"{name}.{task['task_key']}"
+        assert settings.mlflow.policy_model_name == f"{catalog}.{schema}.{model}"
+        assert settings.mlflow.experiment == refs["resources.experiments.restpg.name"]
+        if _entry_point(task).stem in ("train", "pipeline"):
+            assert settings.train.checkpoint_root == f"/Volumes/{volume['catalog_name']}/{volume['schema_name']}/{volume['name']}"
+
+
+def test_dev_deploys_a_schema_and_model_per_user():
+    """Development mode prefixes the schema and registered model with the deployer's short name, and every
+    task names them through the resources (never ${var.schema}), so two developers never share tables."""
+    assert BUNDLE["targets"]["dev"]["mode"] == "development"
+    assert "run_as" not in BUNDLE["targets"]["dev"], "dev runs as the developer"
+    raw = json.dumps(RAW_JOBS)
+    assert "${var.schema}" not in raw and "${resources.schemas.restpg.name}" in raw
+    alice = {"workspace.current_user.userName": "alice@example.com", "workspace.current_user.short_name": "alice"}
+    bob = {"workspace.current_user.userName": "bob@example.com", "workspace.current_user.short_name": "bob"}
+
+    def names(user):
+        params = [a for job in _jobs("dev", user).values() for t, _ in _all_tasks(job) if "spark_python_task" in t
+                  for a in t["spark_python_task"]["parameters"]]
+        return {a.split("=", 1)[1] for a in params if a.startswith(("catalog.schema=", "mlflow.policy_model_name="))}
+
+    assert names(alice) == {"dev_alice_restpg", "main.dev_alice_restpg.dev_alice_policy"}
+    assert not names(alice) & names(bob)
+    assert {_refs("prod")["resources.schemas.restpg.name"], _refs("prod")["resources.registered_models.policy.name"]} == {"restpg", "policy"}
+
+
+@pytest.mark.parametrize("target", ["staging", "prod"])
+def test_shared_targets_run_as_the_service_principal_with_the_data_teams_permissions(target):
+    spec = BUNDLE["targets"][target]
+    assert spec["mode"] == "production" and spec["workspace"]["root_path"], "one deployment per target"
+    assert spec["run_as"] == {"service_principal_name": "${var.service_principal}"}
+    assert {"group_name": "${var.data_team_group}", "level": "CAN_RUN"} in spec["permissions"]
+    [schema] = _resources(target, "schemas").values()
+    assert {"principal": _variables(target)["service_principal"], "privileges": ["ALL_PRIVILEGES"]} in schema["grants"], \
+        "the principal the jobs run as writes the schema even when a person deployed it"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_generate_job_runs_the_champion_on_its_own_paused_schedule(target):
+    jobs, raw = _jobs(target), RAW_JOBS["restpg_generate"]
+    job = jobs["restpg_generate"]
+    assert raw["schedule"]["quartz_cron_expression"] == "${var.generate_cron}" != RAW_JOBS["restpg_pipeline"]["schedule"]["quartz_cron_expression"]
+    assert job["schedule"]["pause_status"] == "PAUSED", "paused until the requests table exists"
+    assert [p for p in job["parameters"]] == [{"name": "requests", "default": "generate_requests"}]
+    [task] = job["tasks"]
+    assert task["task_key"] == "generate" and _entry_point(task) == JOBS_DIR / "generate.py"
+    assert _subcommand(_entry_point(task)) == "generate"
+    params = task["spark_python_task"]["parameters"]
+    assert params[params.index("--requests") + 1] == "{{job.parameters.requests}}"
+    assert _cluster(raw, raw["tasks"][0])["node_type_id"] == "${var.sampling_node_type}"

@@ -76,14 +76,21 @@ published: dict[str, object] = {}
 def publish_task_value(key: str, value) -> None:
     """Hand a small pointer to later tasks of a Databricks job (`{{tasks.<task>.values.<key>}}`).
 
-    On Databricks it is `dbutils.jobs.taskValues.set`; elsewhere there is no job to read it, so the
-    value is recorded in `published` and printed (stderr) for whoever runs the stage by hand."""
+    On Databricks it is `dbutils.jobs.taskValues.set`, which the docs support in notebooks only: from a
+    Python script task it may be missing or fail, so it is best effort and never fails the stage (the
+    bundle's tasks read no task value; promote finds the candidate in the registry). Elsewhere there is no
+    job to read it, so the value is recorded in `published` and printed (stderr) for whoever runs the
+    stage by hand."""
     import os
 
     published[key] = value
     if "DATABRICKS_RUNTIME_VERSION" in os.environ:
-        _dbutils().jobs.taskValues.set(key=key, value=value)
-        say(f"task value {key}={value} published")
+        try:
+            _dbutils().jobs.taskValues.set(key=key, value=value)
+        except Exception as e:  # noqa: BLE001 - a script task has no notebook context to publish from
+            say(f"task value {key}={value} not published ({type(e).__name__}: {e})")
+        else:
+            say(f"task value {key}={value} published")
     else:
         print(f"task value {key}={value}", file=sys.stderr, flush=True)
 
