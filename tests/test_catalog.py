@@ -106,6 +106,20 @@ def test_reads_and_writes_record_their_versions(spark, cat_settings):
     assert catalog.lineage == {"read": {"trajectories": v}, "written": {"trajectories": v}}
 
 
+def test_the_versions_a_write_returns_are_the_commits_deltas_history_shows(spark, cat_settings):
+    """Write and read versions come from the table's log (path tables) or its history (catalog tables);
+    either way each write returns the commit that carries its own run id, and a merge of nothing new the
+    standing version."""
+    s = cat_settings
+    first = catalog.replace_slice(spark, s, rows_df(spark, "trajectories", _traj("rest_pg", 1, 2)), "trajectories",
+                                  {"variant": "rest_pg", "iteration": 1}, "r1")
+    second = catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_em", 1, 2)), "trajectories", "r2")
+    nothing = catalog.merge(spark, s, rows_df(spark, "trajectories", _traj("rest_em", 1, 2)), "trajectories", "r3")
+    history = {h.version: h.userMetadata for h in catalog._delta(spark, catalog.ref(s, "trajectories")).history().collect()}
+    assert '"run_id": "r1"' in history[first] and '"run_id": "r2"' in history[second]
+    assert nothing == second == max(history) == catalog.version(spark, s, "trajectories")
+
+
 def test_two_writers_on_different_slices_at_once_lose_nothing(spark, cat_settings):
     """Two EM variants' stages at once (the bundle's for-each runs with concurrency): each merges chunks
     into its slice of a partitioned table and replaces its slice of an unpartitioned one, interleaved

@@ -13,6 +13,7 @@ anything: a table no stage has written is an error. Every read and write records
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import threading
@@ -21,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from restpg.config import Settings
 
@@ -29,13 +31,13 @@ WRITTEN_BY = {  # the sub-command that writes each table (named in "not written 
     "training_sets": "sft_data / filtering", "trajectories": "sample", "judge_scores": "judge",
     "eval_predictions": "evaluate", "eval_scores": "evaluate", "eval_summary": "evaluate", "eval_tests": "evaluate",
     "reward_validation": "validate_reward", "promotions": "promote", "stage_runs": "run",
-    "user_profiles": "user_profiles", "peer_retrievals": "peer_retrieve",
+    "user_profiles": "user_profiles", "peer_retrievals": "peer_retrieve", "generations": "generate",
 }
 
 TABLES = (
     "examples", "quarantine", "retrievals", "reasoning_paths", "training_sets", "trajectories",
     "judge_scores", "eval_predictions", "eval_scores", "eval_summary", "eval_tests",
-    "reward_validation", "promotions", "stage_runs", "user_profiles", "peer_retrievals",
+    "reward_validation", "promotions", "stage_runs", "user_profiles", "peer_retrievals", "generations",
 )
 
 
@@ -242,7 +244,37 @@ def read_slice(spark, settings: Settings, name: str, slice_: dict, version: int 
     return read(spark, settings, name, version).where(predicate(slice_))
 
 
+# A path table's commits are the files `_delta_log/<20-digit version>.json` (the Delta protocol's log, each
+# created atomically by its writer); checkpoints and compacted logs have other names.
+_COMMIT_FILE = re.compile(r"(\d{20})\.json")
+HISTORY_DEPTH = 50  # commits searched for a write's own (concurrent writers commit between it and the search)
+
+
+def _commit_versions(r: TableRef) -> list[int]:
+    """Versions whose commit file is in a path table's log, newest first (empty for a catalog table)."""
+    if not r.path:
+        return []
+    log_dir = Path(r.path) / "_delta_log"
+    found = (_COMMIT_FILE.fullmatch(f) for f in os.listdir(log_dir)) if log_dir.is_dir() else ()
+    return sorted((int(m.group(1)) for m in found if m), reverse=True)
+
+
+def _commit_info(r: TableRef, version: int) -> dict:
+    with open(Path(r.path) / "_delta_log" / f"{version:020d}.json", encoding="utf-8") as f:
+        for line in f:
+            action = json.loads(line)
+            if "commitInfo" in action:
+                return action["commitInfo"]
+    return {}
+
+
 def _version(spark, r: TableRef) -> int:
+    """The table's current version: a path table's newest commit file, read from its log directly (a
+    Spark job less per read and per write: this runs several times in every stage); a catalog table's
+    from its history."""
+    versions = _commit_versions(r)
+    if versions:
+        return versions[0]
     return int(_delta(spark, r).history(1).select("version").first()[0])
 
 
@@ -359,12 +391,20 @@ def _metadata(run_id: str, slice_: dict) -> str:
 
 
 def _written(spark, settings: Settings, name: str, metadata: str) -> int:
+    """The version this write committed (tagged with `metadata`), else the current one: a merge of nothing
+    new commits nothing, and the table stands as it was."""
     from pyspark.sql import functions as F
 
-    history = _delta(spark, ref(settings, name)).history(50)
-    mine, latest = history.select(F.max(F.when(F.col("userMetadata") == metadata, F.col("version"))),
-                                  F.max("version")).first()
-    v = int(latest if mine is None else mine)  # a merge of nothing new commits nothing: the table stands as it was
+    r = ref(settings, name)
+    versions = _commit_versions(r)[:HISTORY_DEPTH]
+    if versions:
+        mine = next((v for v in versions if _commit_info(r, v).get("userMetadata") == metadata), None)
+        latest = versions[0]
+    else:
+        history = _delta(spark, r).history(HISTORY_DEPTH)
+        mine, latest = history.select(F.max(F.when(F.col("userMetadata") == metadata, F.col("version"))),
+                                      F.max("version")).first()
+    v = int(latest if mine is None else mine)
     lineage["written"][name] = v
     return v
 
