@@ -85,6 +85,8 @@ STAGES = {
     "promote": Stage("score candidate and champion on the promotion split and move aliases", (
         arg("--candidate", default=None, help="model version, or final:<variant> (default: the run's final REST-PG policy)"),
         arg("--dry-run", dest="dry_run", action="store_const", const=True, default=None, help="decide without moving aliases"))),
+    "generate": Stage("the @champion policy answers requests (request_id, user_id, task, input) from each user's profile → generations", (
+        arg("--requests", required=True, help="requests: a table name in the catalog, a Delta directory or a JSON-lines file"),)),
     "ablations": Stage("paper ablations as tagged runs: budget | iterations | restart", (
         arg("kind", choices=["budget", "iterations", "restart"]),
         arg("--m", dest="budgets", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
