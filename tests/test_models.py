@@ -116,3 +116,104 @@ def test_packaged_gemma_converts(settings):
     rendered = generation.render_chat(tokenizer, "hello")
     ids = generation.encode(tokenizer, rendered)
     assert rendered.startswith(tokenizer.bos_token) and ids.count(tokenizer.bos_token_id) == 1
+
+
+# --------------------------------------------------------------------------- executors: paths, GPUs, batch rows
+
+def test_executor_path_pins_and_hands_over_a_directory_hub_models_under_the_home(tmp_path, tiny_dir, monkeypatch):
+    """A hub model is downloaded once, by the driver, into the home (a Volume on Databricks) as plain files."""
+    import huggingface_hub
+
+    from helpers import make_settings
+
+    settings = make_settings(tmp_path / "home")
+    calls = []
+
+    def snapshot(repo_id, local_dir, **kwargs):
+        calls.append(repo_id)
+        for f in tiny_dir.iterdir():
+            (Path(local_dir) / f.name).write_bytes(f.read_bytes())
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    path = models.executor_path("someone/tiny", settings)
+    assert Path(path) == settings.home_dir / "models" / "hub" / "someone--tiny" and (Path(path) / "config.json").exists()
+    assert models.executor_path("someone/tiny", settings) == path and calls == ["someone/tiny"]
+    assert models.executor_path(str(tiny_dir), settings) == str(tiny_dir)
+
+
+class _Gpu:
+    def __init__(self, *addresses):
+        self.addresses = list(addresses)
+
+
+@pytest.mark.parametrize("resources, visible, expected", [
+    ({}, None, None),                               # no GPU assigned (CPU cluster, or the driver)
+    ({"gpu": _Gpu("0")}, None, 0),
+    ({"gpu": _Gpu("3")}, None, 3),                  # the task's own GPU, not cuda:0
+    ({"gpu": _Gpu("3")}, "2,3", 1),                 # torch numbers the visible devices from 0
+    ({"gpu": _Gpu("1")}, "0,1,2,3", 1),
+    ({"gpu": _Gpu()}, None, None),
+])
+def test_a_task_uses_the_gpu_spark_assigned_it(resources, visible, expected):
+    assert models.task_gpu(resources, visible) == expected
+
+
+def test_device_is_the_tasks_gpu(settings, monkeypatch):
+    import dataclasses
+
+    cuda = dataclasses.replace(settings, models=dataclasses.replace(settings.models, device="cuda"))
+    monkeypatch.setattr(models, "_task_resources", lambda: {"gpu": _Gpu("2")})
+    assert models.device_and_dtype(cuda)[0] == torch.device("cuda", 2)
+    monkeypatch.setattr(models, "_task_resources", dict)
+    assert models.device_and_dtype(cuda)[0] == torch.device("cuda")
+    assert models.device_and_dtype(settings)[0].type == "cpu"  # auto without CUDA
+
+
+GEMMA3_1B = {"num_hidden_layers": 26, "hidden_size": 1152, "num_attention_heads": 4, "num_key_value_heads": 1,
+             "head_dim": 256, "intermediate_size": 6912, "vocab_size": 262144}
+GEMMA3_4B = {"text_config": {"num_hidden_layers": 34, "hidden_size": 2560, "num_attention_heads": 8, "num_key_value_heads": 4,
+                             "head_dim": 256, "intermediate_size": 10240, "vocab_size": 262208}}
+
+
+@pytest.mark.parametrize("model, kv_per_token, rows_24g, rows_80g", [
+    # 2 x layers x kv heads x head dim x 2 bytes (bf16); rows at 7,169 tokens (5,120 prompt + 2,049 output)
+    (SMOLLM2, 2 * 30 * 3 * 64 * 2, 138, 465),
+    ("packaged:gemma3-270m", 2 * 18 * 1 * 256 * 2, 170, 576),
+    (GEMMA3_1B, 2 * 26 * 1 * 256 * 2, 110, 392),
+    (GEMMA3_4B, 2 * 34 * 4 * 256 * 2, 15, 69),
+])
+def test_batch_rows_from_kv_bytes_per_token_and_gpu_memory(settings, model, kv_per_token, rows_24g, rows_80g):
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig
+
+    from restpg import sizing
+
+    config = (AutoConfig.from_pretrained(models.checkpoint_dir(model, settings)) if isinstance(model, str)
+              else Gemma3TextConfig(**model.get("text_config", model)))
+    assert sizing.kv_bytes_per_token(config, 2) == kv_per_token
+    with torch.device("meta"):  # the real model's parameters, counted without memory
+        real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert sizing.weight_count(config) == pytest.approx(real, rel=1e-3)
+    assert sizing.weight_count(model) == sizing.weight_count(config) if isinstance(model, dict) else True  # dicts read alike
+    gib = 2**30
+    assert [sizing.batch_rows(config, g * gib, 7169) for g in (24, 80)] == [rows_24g, rows_80g]
+    free = 0.9 * 24 * gib - sizing.weight_count(config) * 2
+    assert rows_24g == int(free // (kv_per_token * 7169 + sizing.dims(config).vocab * 4))  # the arithmetic, spelled out
+    with pytest.raises(ValueError, match="not one row"):
+        sizing.batch_rows(config, sizing.weight_count(config) * 2, 7169)  # the weights alone fill the GPU
+
+
+def test_inference_rows_come_from_the_gpu_only_on_cuda(monkeypatch):
+    from types import SimpleNamespace
+
+    from restpg import sizing
+
+    config = {**GEMMA3_1B, "tie_word_embeddings": True}
+    cpu = SimpleNamespace(device=torch.device("cpu"), config=config, dtype=torch.bfloat16)
+    assert models.inference_rows(cpu, 7169, 64) == 64  # CPUs keep their measured size
+    gpu = SimpleNamespace(device=torch.device("cuda", 1), config=config, dtype=torch.bfloat16)
+    seen = []
+    properties = SimpleNamespace(total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: seen.append(d) or properties)
+    assert models.inference_rows(gpu, 7169, 64) == sizing.batch_rows(config, 80 * 2**30, 7169) == 392
+    assert seen == [torch.device("cuda", 1)]

@@ -63,7 +63,8 @@ def embed_column(df, text_col: str, out_col: str, settings: Settings, ref: str |
 
     from restpg import models
 
-    ref, env, bs = ref or settings.models.retriever, models.worker_env(settings), settings.retrieve.batch_size
+    ref = models.executor_path(ref or settings.models.retriever, settings)  # resolved on the driver: executors load the path
+    env, bs = models.worker_env(settings), settings.retrieve.batch_size
     pool_texts = POOL_TEXTS
 
     @pandas_udf("array<float>")

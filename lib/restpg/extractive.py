@@ -268,8 +268,7 @@ def write_df(settings, inputs, slots: tuple[str, str, str]):
     from restpg import models
     from restpg.sft_data import n_tokens, policy_tokenizer
 
-    policy = models.resolve_ref(settings.models.policy, settings)
-    models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
+    policy = models.executor_path(settings.models.policy, settings)  # resolved and converted once, on the driver
     env, limit = models.worker_env(settings), int(FILL * settings.prompt.max_reasoning_tokens)
 
     def write(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:

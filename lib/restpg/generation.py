@@ -463,8 +463,8 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     from pyspark.sql import functions as F
     from pyspark.sql.types import StructType
 
-    ref = models.resolve_ref(model_ref, settings)
-    models.checkpoint_dir(ref, settings)  # convert/download once on the driver, not in every worker at once
+    ref = models.resolve_ref(model_ref, settings)  # pinned: what the job description and the log name
+    path = models.executor_path(ref, settings)  # resolved once on the driver: executors load it, never the registry
     if isinstance(df.schema[prompt_col].dataType, StructType):
         columns = [F.col(f"{prompt_col}.{part}").alias(part) for part in ("head", "items", "tail")]
     else:
@@ -472,7 +472,7 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     schema = (f"`{id_col}` string, sample_index int, seed long, text string, n_tokens int, finished boolean, "
               "reasoning_forced boolean, prompt_truncated boolean" + (", worker_pid int, worker_loads int" if with_worker_info else ""))
     job = SamplingJob(
-        ref=ref, env=models.worker_env(settings), id_col=id_col, m=m, iteration=iteration, seed=seed,
+        ref=path, env=models.worker_env(settings), id_col=id_col, m=m, iteration=iteration, seed=seed,
         params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                 "reasoning_tokens": reasoning_tokens, "max_rows": max_rows},
         chat=chat, budget=budget or settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,

@@ -114,9 +114,16 @@ def _convert_gguf(name: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# the tracking URI of settings rebuilt on an executor (`worker_settings`): executors never reach the tracking server
+NO_TRACKING = "restpg-executor:no-tracking"
+
+
 def _mlflow_uris(settings: Settings) -> tuple[str, str]:
     from restpg.runtime import mlflow_uris
 
+    if settings.mlflow.tracking_uri == NO_TRACKING:
+        raise RuntimeError("an executor was handed an MLflow model reference: executors do not reach the tracking "
+                           "server; resolve it on the driver with models.executor_path and hand the UDF that path")
     return mlflow_uris(settings)
 
 
@@ -223,19 +230,93 @@ def checkpoint_dir(ref: str, settings: Settings) -> Path:
         return _mlflow_checkpoint(ref, settings)
     if Path(ref).is_dir():
         return Path(ref).absolute()
+    return _hub_checkpoint(ref, settings)
+
+
+# what a hub snapshot skips: other formats of the same weights (Gemma's repos carry a GGUF as large as them)
+HUB_SKIP = ["*.gguf", "*.msgpack", "*.h5", "*.onnx", "*.ot", "*.pth", "original/*", "flax_model*", "tf_model*"]
+HUB_STAMP = "restpg-hub-snapshot.json"
+
+
+def _hub_checkpoint(ref: str, settings: Settings) -> Path:
+    """A hub model as plain files under the home, downloaded once, atomically: the HF cache lives on the
+    node that downloads it (and links its files, which a Volume does not support), the home is where
+    every worker reads (a Volume on Databricks)."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(ref))
+    target = settings.home_dir / "models" / "hub" / ref.replace("/", "--")
+    if (target / HUB_STAMP).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        snapshot_download(ref, local_dir=tmp, ignore_patterns=HUB_SKIP)
+        (tmp / HUB_STAMP).write_text(json.dumps({"source": ref}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / HUB_STAMP).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def executor_path(ref: str, settings: Settings) -> str:
+    """On the driver: the directory Spark executors load `ref` from. The reference is pinned, converted or
+    downloaded here, once, into a directory every worker reads: a local file store's own artifacts, the
+    packaged-model cache, or the home (downloaded MLflow artifacts, hub snapshots; a Volume on Databricks).
+    Executors have no tracking credentials of their own and must not each download a copy, so a UDF gets
+    this path; lineage (tables, MLflow) keeps naming the pinned ``models:/name/N``."""
+    return str(checkpoint_dir(resolve_ref(ref, settings), settings))
+
+
+def task_gpu(resources: dict, visible: str | None = None) -> int | None:
+    """The CUDA ordinal of the GPU Spark assigned a task, from `TaskContext.resources()` (None without one).
+    Spark names a GPU by the address its discovery script reports; where CUDA_VISIBLE_DEVICES (`visible`)
+    lists that address, torch numbers it by its place in that list."""
+    gpu = resources.get("gpu")
+    addresses = [str(a) for a in (getattr(gpu, "addresses", None) or [])]
+    if not addresses:
+        return None
+    order = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return order.index(addresses[0]) if addresses[0] in order else int(addresses[0])
+
+
+def _task_resources() -> dict:
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    return context.resources() if context is not None else {}
+
+
+def _cuda() -> torch.device:
+    """The GPU of this Spark task (`task_gpu`), else CUDA's current device: a task on a node with several
+    GPUs runs on the one Spark assigned it, never on every task's cuda:0."""
+    index = task_gpu(_task_resources(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
 
 
 def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
-    """``auto`` means a GPU in bfloat16 when there is one, else the CPU in the configured dtype."""
+    """``auto`` means a GPU in bfloat16 when there is one, else the CPU in the configured dtype. A GPU is
+    the one Spark assigned the task (`_cuda`)."""
     device, dtype = settings.models.device, getattr(torch, settings.models.dtype)
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda"), torch.bfloat16
+            return _cuda(), torch.bfloat16
         device = "cpu"
-    return torch.device(device), dtype
+    return (_cuda() if device == "cuda" else torch.device(device)), dtype
+
+
+def inference_rows(model, tokens_per_row: int, rows: int) -> int:
+    """Rows of an inference batch of `model`: on a GPU as many as its memory holds next to the weights, from
+    the model's KV bytes per token (`sizing.batch_rows`); elsewhere `rows`, the size measured on CPUs."""
+    if model.device.type != "cuda":
+        return rows
+    from restpg import sizing
+
+    total = torch.cuda.get_device_properties(model.device).total_memory
+    return sizing.batch_rows(model.config, total, tokens_per_row, model.dtype.itemsize)
 
 
 def load_tokenizer(ref: str, settings: Settings):
@@ -266,10 +347,15 @@ def load_embedder(ref: str, settings: Settings):
 
 
 def _cached(kind: str, ref: str, settings: Settings, loader) -> Any:
-    key = (kind, ref, str(settings.home_dir), settings.models.dtype, settings.models.device)
+    device = device_and_dtype(settings)[0]
+    key = (kind, ref, str(settings.home_dir), settings.models.dtype, str(device))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
+    if device.type == "cuda":  # a reused worker now serving another GPU frees its models on the one before
+        for old in [k for k in _cache if k[4].startswith("cuda") and k[4] != str(device)]:
+            del _cache[old]
+        torch.cuda.empty_cache()
     value = loader(ref, settings)
     _loads[ref] += 1
     _cache[key] = value
@@ -311,16 +397,16 @@ def _use_worker_threads(n: int) -> None:
 
 
 def worker_env(settings: Settings) -> dict:
-    """The few settings a Spark executor needs to load models, small enough for a UDF closure."""
-    tracking, registry = _mlflow_uris(settings)
+    """The few settings a Spark executor needs to load models (from `executor_path`s), small enough for a
+    UDF closure. No tracking or registry URI: executors never call the tracking server."""
     return {"home": str(settings.home_dir), "dtype": settings.models.dtype, "device": settings.models.device,
-            "cache_dir": str(cache_dir(settings)), "tracking_uri": tracking, "registry_uri": registry,
+            "cache_dir": str(cache_dir(settings)),
             "torch_threads": settings.spark.torch_threads or worker_threads(settings.spark.master)}
 
 
 def worker_settings(env: dict) -> Settings:
-    """Settings rebuilt on an executor from `worker_env` (model loading only); in a Spark task it also
-    gives torch the task's share of the cores."""
+    """Settings rebuilt on an executor from `worker_env` (model loading from paths only: an MLflow reference
+    fails here, see `executor_path`); in a Spark task it also gives torch the task's share of the cores."""
     _use_worker_threads(env.get("torch_threads", 0))
     return Settings(home=env["home"], models=ModelsConfig(dtype=env["dtype"], device=env["device"], cache_dir=env["cache_dir"]),
-                    mlflow=MlflowConfig(tracking_uri=env["tracking_uri"], registry_uri=env["registry_uri"]))
+                    mlflow=MlflowConfig(tracking_uri=NO_TRACKING, registry_uri=NO_TRACKING))

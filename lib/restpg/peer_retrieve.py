@@ -127,7 +127,8 @@ def peer_rows(spark, settings: Settings, examples, mode: str = SIMILAR, k: int |
         raise ValueError(f"mode is {SIMILAR!r} or {RANDOM!r}, not {mode!r}")
     k = k or settings.retrieve.k
     pools_bc = spark.sparkContext.broadcast(load_pool(spark, settings))
-    find = _peer_finder(pools_bc, settings.models.retriever, models.worker_env(settings), k, mode, settings.retrieve.batch_size)
+    retriever = models.executor_path(settings.models.retriever, settings)  # resolved on the driver: executors load the path
+    find = _peer_finder(pools_bc, retriever, models.worker_env(settings), k, mode, settings.retrieve.batch_size)
     peers = (examples.select("example_id", "task", "split", "user_id", "input", "target", "profile")
              .mapInPandas(find, PEERS_SCHEMA))
     items = items if items is not None else peer_items(spark, settings)

@@ -173,8 +173,7 @@ def policy_prompts(spark, settings: Settings, examples, variant: str, previous=N
     kind = "pat" if peers else "sft_reasoning" if prompts.uses_reasoning(variant) else "sft"
     if previous is not None and not peers:
         raise ValueError(f"{variant} does not refine earlier reasoning: only PAT variants take `previous`")
-    policy = models.resolve_ref(settings.models.policy, settings)
-    models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
+    policy = models.executor_path(settings.models.policy, settings)  # resolved and converted once, on the driver
     fit = _fitter(kind, policy, models.worker_env(settings), settings.prompt.max_input_tokens, settings.prompt.max_item_chars)
     joined = with_peer_items(spark, settings, examples) if peers else with_retrievals(spark, settings, examples)
     columns = ["example_id", "task", "input", "item_texts"]

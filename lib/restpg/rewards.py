@@ -190,13 +190,17 @@ def _cosines(responses: list[str], targets: list[str], ref: str, model_settings:
     return sims if others else sims[0]
 
 
+JUDGE_LABEL_TOKENS = 8  # a criterion label and what ends it, scored after the prompt
+
+
 def _llm(ref: str, model_settings: Settings, scores: tuple, budget: int, inputs, targets, responses) -> list[Judgement]:
     model, tokenizer = models.cached_causal_lm(ref, model_settings)
     template = judge_template(scores)
     texts = [fit_judge_prompt(tokenizer, template, i or "", t or "", r, budget) for i, t, r in zip(inputs, targets, responses)]
     # the prompts of one request side by side, so their shared prefix is computed once (scoring.prefix_groups)
     order = sorted(range(len(texts)), key=lambda k: (inputs[k] or "", targets[k] or ""))
-    judged = judge_with(model, tokenizer, [texts[k] for k in order], scores)
+    rows = models.inference_rows(model, budget + JUDGE_LABEL_TOKENS, 64)  # a GPU's rows from its memory; 64 on CPUs
+    judged = judge_with(model, tokenizer, [texts[k] for k in order], scores, rows)
     out: list = [None] * len(texts)
     for k, j in zip(order, judged):
         out[k] = j
@@ -269,6 +273,7 @@ class Rewarder:
     weights: tuple = ()           # ((term, weight), ...): the composite's, empty when off
     retriever: str | None = None  # pinned embedding model of the topic term
     label: str = ""               # the stored reward kind (`kind_label`)
+    paths: tuple = ()             # ((pinned ref, `models.executor_path`), ...): what executors load
 
     @classmethod
     def from_settings(cls, settings: Settings, convert: bool = True) -> "Rewarder":
@@ -282,17 +287,17 @@ class Rewarder:
         if w["style"] or w["topic"]:
             retriever = models.resolve_ref(settings.models.retriever, settings)
             refs.append(retriever)
-        if convert:
-            for r in dict.fromkeys(refs):
-                models.checkpoint_dir(r, settings)  # convert or download once, on the driver
+        # resolved, converted or downloaded once, on the driver: executors load the paths, never the registry
+        paths = tuple((r, models.executor_path(r, settings)) for r in dict.fromkeys(refs)) if convert else ()
         return cls(kind, ref, scores, settings.judge.max_input_tokens, version, models.worker_env(settings),
-                   tuple(w.items()) if retriever else (), retriever, kind_label(settings))
+                   tuple(w.items()) if retriever else (), retriever, kind_label(settings), paths)
 
     def assign(self, pdf: pd.DataFrame) -> pd.DataFrame:
         """pdf with input, target, response + reward, score, criterion_logprobs, reward_terms (on an executor)."""
-        rows = reward_rows(self.kind, self.ref, models.worker_settings(self.env), self.scores, self.budget,
-                           pdf["input"].tolist(), pdf["target"].tolist(), pdf["response"].tolist(),
-                           dict(self.weights), self.retriever)
+        path = dict(self.paths)
+        rows = reward_rows(self.kind, path.get(self.ref, self.ref), models.worker_settings(self.env), self.scores,
+                           self.budget, pdf["input"].tolist(), pdf["target"].tolist(), pdf["response"].tolist(),
+                           dict(self.weights), path.get(self.retriever, self.retriever))
         return pdf.assign(reward=[j.reward for j in rows], score=pd.array([j.score for j in rows], dtype="Int32"),
                           criterion_logprobs=[j.criterion_logprobs for j in rows], reward_terms=[j.terms for j in rows])
 

@@ -140,8 +140,7 @@ def decide(spark, settings: Settings, rows, slots: tuple[str, ...] = prompts.SLO
     materialised once; paths must have the teacher template's `slots`."""
     from restpg import models
 
-    policy = models.resolve_ref(settings.models.policy, settings)
-    models.checkpoint_dir(policy, settings)  # convert the packaged base once, on the driver
+    policy = models.executor_path(settings.models.policy, settings)  # resolved and converted once, on the driver
     decider = _decider(policy, models.worker_env(settings), settings.prompt.max_reasoning_tokens,
                        settings.prompt.max_response_tokens, slots)
     reasons = rows.select("example_id", "target", "reasoning", "copied", "finished").mapInPandas(decider, DECISIONS)

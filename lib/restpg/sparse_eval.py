@@ -78,7 +78,8 @@ def cut_examples(spark, settings: Settings, split: str, size: int | None):
     from restpg.evaluate import evaluation_examples
 
     examples = evaluation_examples(spark, settings, split).select(*[c.split()[0] for c in EXAMPLE_SCHEMA.split(", ")][:-1])
-    cut = _cutter(size, settings.retrieve.k, settings.models.retriever, models.worker_env(settings), settings.retrieve.batch_size)
+    retriever = models.executor_path(settings.models.retriever, settings)  # resolved on the driver: executors load the path
+    cut = _cutter(size, settings.retrieve.k, retriever, models.worker_env(settings), settings.retrieve.batch_size)
     return examples.mapInPandas(cut, EXAMPLE_SCHEMA).localCheckpoint()
 
 
