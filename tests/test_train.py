@@ -714,3 +714,44 @@ def test_completion_window_gives_the_full_loss_and_gradients(tokenizer):
     short_loss, _, _ = loss_and_grads(window - 1)
     assert not torch.isclose(short_loss, full_loss, atol=1e-6)
     assert objective.completion_window(torch.full((2, 5), data.IGNORE_INDEX)) == 0
+
+
+# --------------------------------------------------------------------------- CUDA: bf16 autocast, gradient checkpointing
+
+@pytest.mark.parametrize("kind, bf16_supported, expected", [
+    ("cuda", True, "bfloat16"), ("cuda", False, "float32"), ("cpu", True, "float32"), ("xla", True, "float32")])
+def test_autocast_is_bf16_on_a_cuda_gpu_that_supports_it(kind, bf16_supported, expected):
+    assert objective.autocast_dtype(kind, bf16_supported) == expected
+
+
+def _training_forwards(model, seen: list, probe):
+    model.register_forward_pre_hook(lambda module, args: seen.append(probe(module)) if module.training else None)
+
+
+def test_training_forwards_run_under_the_devices_autocast(tokenizer, monkeypatch):
+    rows = featurize(tokenizer, 4)
+    seen: list = []
+    model = make_model(tokenizer)
+    _training_forwards(model, seen, lambda m: torch.is_autocast_enabled("cpu"))
+    trainer.fit(model, rows, small_cfg(steps=1), pad_id=0)
+    assert seen and not any(seen)  # float32 on the CPU, as before
+    monkeypatch.setattr(trainer, "autocast_dtype", lambda kind: "bfloat16")  # what a bf16-capable GPU gets
+    seen.clear()
+    trainer.fit(model, rows, small_cfg(steps=1), pad_id=0)
+    assert seen and all(seen) and model.lm_head.weight.dtype == torch.float32
+
+
+def test_gradient_checkpointing_reaches_the_model_and_leaves_loss_and_gradients_alone(tokenizer):
+    rows = featurize(tokenizer, 8)
+    results, states = [], []
+    for on in (False, True):
+        model, seen = make_model(tokenizer), []
+        _training_forwards(model, seen, lambda m: m.is_activation_checkpointing)
+        cfg = small_cfg(steps=3, lr=1e-2, log_every=1, gradient_checkpointing=on)
+        results.append(trainer.fit(model, rows, cfg, pad_id=0))
+        states.append(model.state_dict())
+        assert seen and all(x == on for x in seen)  # on in every training forward when asked, never otherwise
+        assert not model.is_activation_checkpointing and model.config.use_cache  # the saved model generates as before
+    off, on = results
+    assert on.first_loss == pytest.approx(off.first_loss, abs=1e-6) and on.final_loss == pytest.approx(off.final_loss, abs=1e-6)
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])  # three steps of the same gradients

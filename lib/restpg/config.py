@@ -153,6 +153,8 @@ class TrainConfig:
     checkpoint_every: int = _f(500, "save model + optimizer + step every N steps, so a killed job resumes (0 = never)")
     restart_from: str = _f("base", "M-step init: 'base' (paper) or 'previous' checkpoint")
     lora_rank: int = _f(0, "LoRA rank (0 = full fine-tuning)")
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward instead of keeping them: "
+                                             "less GPU memory for long rows, about a third more compute")
     num_workers: int = _f(1, "training processes; > 1 runs the job under Spark's TorchDistributor (gloo on CPUs, NCCL on GPUs, one per GPU)")
     checkpoint_root: str = _f("", "where training jobs keep resume states and checkpoints; empty = <home>/checkpoints. "
                                   "On Databricks a Volume every training process and the driver can read")

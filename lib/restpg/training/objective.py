@@ -86,6 +86,16 @@ def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
 AUTOCAST_DTYPES = ("float32", "bfloat16")
 
 
+def autocast_dtype(kind: str, bf16_supported: bool | None = None) -> str:
+    """The autocast dtype of a training device: bfloat16 on a CUDA GPU that supports it (Ampere and later:
+    its tensor cores run bf16 matmuls many times faster than float32, and a Gemma-size logits tensor halves),
+    float32 elsewhere (the CPU and XLA paths keep their measured float32)."""
+    if kind != "cuda":
+        return "float32"
+    supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+    return "bfloat16" if supported else "float32"
+
+
 def autocast(device_type: str, dtype: str = "float32"):
     """The context a forward pass runs in: "bfloat16" runs matmuls in bfloat16 under `torch.autocast`
     while weights, gradients and optimizer state stay float32 (the loss is taken in float32 by

@@ -27,8 +27,8 @@ from restpg.tracking import say
 from restpg.training.checkpoints import ResumeStore
 from restpg.training.data import DataOrder, collate
 from restpg.training.devices import pick_device, sync, xla_compilations
-from restpg.training.objective import (completion_window, inert_decay_step, lr_at, make_optimizer, weighted_nll,
-                                       weighted_tokens)
+from restpg.training.objective import (autocast, autocast_dtype, completion_window, inert_decay_step, lr_at, make_optimizer,
+                                       weighted_nll, weighted_tokens)
 
 Select = Callable[[torch.nn.Module], float]  # model (eval mode) -> mean reward of its outputs
 
@@ -118,6 +118,11 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
             say(f"train: resuming at step {resume['step']}/{total_steps} from {store.root}")
     twin = copy.deepcopy(model) if select is not None and kind == "xla" else None
     model.to(dev).train()
+    precision = autocast_dtype(kind)  # bf16 matmuls on a CUDA GPU that has them; weights and optimizer stay float32
+    use_cache = getattr(model.config, "use_cache", None)
+    if cfg.gradient_checkpointing:  # activations recomputed layer by layer in backward (no KV cache in training)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     micro = max(1, min(cfg.micro_batch_size, cfg.batch_size))
@@ -181,7 +186,8 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
             # width, since a window that varies per batch would compile a graph per width
             window = completion_window(b["labels"]) if kind != "xla" else 0
             labels = b["labels"][:, -window:] if window else b["labels"]
-            logits = model(input_ids=b["input_ids"].to(dev), use_cache=False, logits_to_keep=window).logits
+            with autocast(dev.type, precision):
+                logits = model(input_ids=b["input_ids"].to(dev), use_cache=False, logits_to_keep=window).logits
             loss = weighted_nll(logits, labels.to(dev), b["weights"].to(dev), denominator)
             loss.backward()
             step_loss = step_loss + loss.detach()
@@ -228,6 +234,9 @@ def fit(model, rows: list[dict], cfg: TrainConfig, *, pad_id: int, select: Selec
         say(f"train: no selection output was usable at any trained step; keeping the last step ({total_steps})")
         best_step, best_state = total_steps, _trainable_state(model)
     compilations = xla_compilations() - compiled_before if kind == "xla" else 0
+    if cfg.gradient_checkpointing:  # the checkpoint saved from this model generates with its cache, as before
+        model.activation_checkpointing_disable()
+        model.config.use_cache = use_cache
     model.to("cpu")
     if best_state is not None and best_step != total_steps:
         model.load_state_dict(best_state, strict=False)
