@@ -12,7 +12,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from helpers import example_row, make_settings, tiny_overrides, write_rows
-from restpg import catalog, generate, prompts, registry
+from restpg import catalog, cli, generate, prompts, registry
 
 KNOWN = {"r1": "u1", "r2": "u2"}
 REQUESTS = [
@@ -107,12 +107,15 @@ def first(spark, home, rest_pg):
     return crown(s, rest_pg), generate.run(spark, s, requests=path, run_id="g1")
 
 
-def test_no_champion_is_an_error_that_names_promote(home, rest_pg):
+def test_no_champion_is_an_error_that_names_promote(home, rest_pg, capsys):
     s, _ = home
     with pytest.raises(generate.NoChampion, match="run `restpg promote` first"):
         generate.champion(make_settings(s.home_dir, "mlflow.policy_model_name=tiny-generate-none"))  # no such model
     with pytest.raises(generate.NoChampion, match="'tiny-generate' has no @champion version: run `restpg promote` first"):
         generate.champion(s)  # a registered version, none crowned
+    code = cli.main(["generate", "--requests", "nothing.jsonl", "--home", str(s.home_dir),
+                     "--set", "mlflow.policy_model_name=tiny-generate-none"])
+    assert code == 2 and "run `restpg promote` first" in capsys.readouterr().err  # one line, no traceback
 
 
 def test_known_users_are_answered_with_the_reasoning_split_off(spark, home, first):

@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from restpg.budgets import Unresolved
     from restpg.filtering import NothingPassed
+    from restpg.generate import NoChampion
 
     try:
         result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
-    except (Unresolved, NothingPassed) as e:  # expected ends: one line on stderr, no traceback
+    except (Unresolved, NothingPassed, NoChampion) as e:  # expected ends: one line on stderr, no traceback
         print(f"restpg: {e}", file=sys.stderr)
         return 3 if isinstance(e, NothingPassed) else 2
     print(f"result: {write_result(settings, command, result)}")
