@@ -117,6 +117,8 @@ class SampleConfig:
     top_p: float = _f(0.95, "nucleus sampling top-p")
     chunk_examples: int = _f(64, "examples per committed chunk (resumability granularity)")
     seed: int = _f(0, "base seed; per-sample seeds derive from (example_id, sample_index, iteration)")
+    continuous_batching: bool = _f(True, "a finished row's slot goes to the next (prompt, sample) at once, in every sampling "
+                                         "(E-step, evaluation, selection); same outputs either way (per-sample seeds)")
 
 
 @dataclass

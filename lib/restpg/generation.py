@@ -3,6 +3,9 @@
 `generate(num_return_sequences=m)` copies each prompt m times before prefill (transformers issue
 #27449), so m samples pay the prompt m times. Here a batch of prompts is prefilled once, its KV
 cache is repeated m times, and every (prompt, sample) row decodes with its own seeded generator.
+With continuous batching a finished row's slot goes to the next (prompt, sample) of the queue at
+the next step: prompts are prefilled as the batch needs them and their rows merged into the running
+cache, right-aligned (see `regroup`); per-row generators make the outputs those of fixed groups.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import logging
 import math
 import os
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +42,9 @@ class SamplingStats:
     prefill_passes: int = 0
     decode_passes: int = 0
     new_tokens: int = 0
+    refilled_rows: int = 0  # rows that took the slot of a finished row while the batch was decoding
+    peak_rows: int = 0  # most rows decoded in one step (at most `max_rows`)
+    row_steps: int = 0  # rows summed over decode steps: slots used are row_steps / (decode_passes * max_rows)
 
 
 @dataclass
@@ -156,6 +163,24 @@ class GrowingLayer(DynamicLayer):
     def _views(self) -> None:
         self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
 
+    def adopt(self, parts: list, width: int) -> None:
+        """The layer becomes the rows `index` of each part's (keys, values, index), in that order, right-aligned
+        at `width` positions: a part with fewer positions is padded on the left with zeros (masked positions),
+        one with more loses its leftmost (masked for all its rows: `regroup` chooses the width)."""
+        keys = parts[0][0]
+        rows = sum(len(index) for _, _, index in parts)
+        k = keys.new_empty((rows, keys.shape[1], width + self.room, keys.shape[-1]))
+        v = parts[0][1].new_empty(k.shape)
+        start = 0
+        for part_keys, part_values, index in parts:
+            have, end = min(part_keys.shape[-2], width), start + len(index)
+            for buffer, source in ((k, part_keys), (v, part_values)):
+                buffer[start:end, :, :width - have].zero_()  # zeros, not garbage: a NaN times a masked weight is NaN
+                buffer[start:end, :, width - have:width] = source[:, :, source.shape[-2] - have:].index_select(0, index)
+            start = end
+        self._k, self._v, self.length = k, v, width
+        self._views()
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
             self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
@@ -221,6 +246,47 @@ def keep_rows(state: DecodeState, keep: torch.Tensor) -> None:
     state.cache.batch_select_indices(keep)
     state.mask, state.positions, state.logits = state.mask[keep], state.positions[keep], state.logits[keep]
     state.rows = [state.rows[i] for i in keep.tolist()]
+
+
+def _right_aligned(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, ..., positions, d] → [rows, ..., width, d]: zeros added on the left, or the leftmost positions cut."""
+    have = t.shape[-2]
+    if have >= width:
+        return t[..., have - width:, :]
+    return torch.cat([t.new_zeros((*t.shape[:-2], width - have, t.shape[-1])), t], dim=-2)
+
+
+def regroup(parts: list[tuple[DecodeState, list[int], list[int]]], cache: DynamicCache) -> DecodeState:
+    """One batch of the rows `index` of each part (state, index, row ids), in `cache` (the first part's own
+    cache, or a new one: a part's cache is read before it is replaced).
+
+    Caches of different lengths are aligned on the right, as left padding aligns prompts: a shorter row gets
+    masked positions on its left, and positions that no row attends to any more (the padding of rows gone)
+    are cut. A row's positions and mask are its own, so its logits are those it would have in any batch, up
+    to float rounding of reductions over more or fewer masked positions."""
+    index = [torch.tensor(i, device=state.mask.device) for state, i, _ in parts]
+    width = max(int(state.mask.sum(-1)[i].max()) for (state, _, _), i in zip(parts, index))
+    for li, layer in enumerate(cache.layers):
+        sources = [(state.cache.layers[li].keys, state.cache.layers[li].values, i) for (state, _, _), i in zip(parts, index)]
+        if not layer.is_initialized:
+            layer.lazy_initialization(sources[0][0], sources[0][1])
+        if isinstance(layer, GrowingLayer):
+            layer.adopt(sources, width)
+            continue
+        if type(layer) is DynamicLayer:
+            n = width
+        elif getattr(layer, "is_sliding", False) and type(layer).__name__ == "DynamicSlidingWindowLayer":
+            n, layer.cumulative_length = min(width, layer.sliding_window - 1), width  # it holds the last window only
+        else:
+            raise NotImplementedError(f"regrouping a {type(layer).__name__} cache layer")
+        layer.keys = torch.cat([_right_aligned(k.index_select(0, i), n) for k, _, i in sources])
+        layer.values = torch.cat([_right_aligned(v.index_select(0, i), n) for _, v, i in sources])
+    mask = torch.cat([_right_aligned(state.mask[i][:, None, :, None], width)[:, 0, :, 0]
+                      for (state, _, _), i in zip(parts, index)])
+    return DecodeState(cache=cache, mask=mask,
+                       positions=torch.cat([state.positions[i] for (state, _, _), i in zip(parts, index)]),
+                       logits=torch.cat([state.logits[i] for (state, _, _), i in zip(parts, index)]),
+                       rows=[r for _, _, ids in parts for r in ids])
 
 
 NUCLEUS_K = 256  # most probable tokens ranked per step; the whole vocabulary only when a nucleus is wider
@@ -321,30 +387,99 @@ def _holds(tokenizer, token: int, char: str) -> bool:
     return known[key]
 
 
-def _sample_group(model, tokenizer, prompts, seeds, temperature, top_p, max_new_tokens, reasoning_tokens,
-                  stats) -> list[list[Sample]]:
+class Admission:
+    """The queue of (prompt, sample) rows not decoding yet: prompts in queue order, each prefilled once, when
+    its first row is admitted, into a pool that keeps one copy of its cache until its m rows have left."""
+
+    def __init__(self, model, tokenizer, prompts: list[str], order: list[int], m: int, max_rows: int, stats):
+        self.model, self.tokenizer, self.prompts, self.m, self.stats = model, tokenizer, prompts, m, stats
+        self.queue = deque(order)
+        self.pools: list[DecodeState] = []  # rows: prompt indices
+        self.next = {}  # prompt → its next sample index
+        # prompts prefilled together at least: m = 1 (evaluation) would otherwise pay a forward per freed slot
+        self.ahead = max(1, math.ceil(max_rows / (4 * m)))
+
+    def __bool__(self) -> bool:
+        return bool(self.queue or self.pools)
+
+    def group(self, size: int, room: int) -> DecodeState:
+        """A fresh batch: the next `size` prompts prefilled together, m rows each (the sampler's fixed groups)."""
+        group = [self.queue.popleft() for _ in range(min(size, len(self.queue)))]
+        state = prefill(self.model, self.tokenizer, [self.prompts[i] for i in group], self.m, room)
+        state.rows = [i * self.m + j for i in group for j in range(self.m)]
+        self.stats.prefill_passes += 1
+        return state
+
+    def take(self, free: int) -> list[tuple[DecodeState, list[int], list[int]]]:
+        """Up to `free` rows, as `regroup` parts (pool, pool rows, row ids), prefilling the next prompts if needed."""
+        waiting = sum(self.m - self.next[p] for pool in self.pools for p in pool.rows)
+        if waiting < free and self.queue:
+            n = min(len(self.queue), max(self.ahead, math.ceil((free - waiting) / self.m)))
+            group = [self.queue.popleft() for _ in range(n)]
+            pool = prefill(self.model, self.tokenizer, [self.prompts[i] for i in group], 1)
+            pool.rows = group
+            self.next.update(dict.fromkeys(group, 0))
+            self.pools.append(pool)
+            self.stats.prefill_passes += 1
+        parts = []
+        for pool in self.pools:
+            index, ids = [], []
+            for i, p in enumerate(pool.rows):
+                while self.next[p] < self.m and len(ids) < free:
+                    index.append(i)
+                    ids.append(p * self.m + self.next[p])
+                    self.next[p] += 1
+            if ids:
+                parts.append((pool, index, ids))
+                free -= len(ids)
+        self.pools = [pool for pool in self.pools if any(self.next[p] < self.m for p in pool.rows)]
+        return parts
+
+
+def _decode(model, tokenizer, prompts, order, seeds, temperature, top_p, max_new_tokens, reasoning_tokens, max_rows,
+            continuous, stats) -> list[Sample]:
+    """Samples of every (prompt, sample) row, row i * m + j for sample j of prompt i.
+
+    Without `continuous`, fixed groups of max_rows // m prompts in `order`, each decoded until its last row
+    ends. With it, the first group likewise, then a row that ends leaves its slot to the next row of the
+    queue: finished rows are fed one more (ignored) token and leave at the next step's regroup, which also
+    brings the new rows in, so the cache is copied once for both."""
     m = len(seeds[0])
     generators = [torch.Generator().manual_seed(s) for row in seeds for s in row]
     budget = max_new_tokens + (reasoning_tokens or 0) + SEPARATOR_ALLOWANCE
-    state = prefill(model, tokenizer, prompts, m, room=min(budget, CACHE_ROOM))
-    stats.prefill_passes += 1
+    room = min(budget, CACHE_ROOM)
     stop = torch.tensor(sorted(eos_ids(model, tokenizer)), device=model.device)
     rows = Rows(tokenizer, len(generators), max_new_tokens, reasoning_tokens)
+    waiting = Admission(model, tokenizer, prompts, order, m, max_rows, stats)
+    state = None
     while max_new_tokens > 0:
+        if state is None and not waiting.pools:
+            if not waiting:
+                break
+            state = waiting.group(max(1, max_rows // m), room)
+        live = [] if state is None else [i for i, r in enumerate(state.rows) if not rows.done[r]]
+        if continuous and waiting and len(live) < max_rows:
+            parts = waiting.take(max_rows - len(live))
+            stats.refilled_rows += sum(len(ids) for _, _, ids in parts) if live else 0
+            running = [(state, live, [state.rows[i] for i in live])] if live else []
+            state = regroup(running + parts, state.cache if live else decoding_cache(model, room))
+        stats.peak_rows = max(stats.peak_rows, len(state.rows))
         chosen = choose_tokens(state.logits, [generators[r] for r in state.rows], temperature, top_p)
         ended = torch.isin(chosen, stop).tolist()
         fed = [rows.take(r, tok, end) for r, tok, end in zip(state.rows, chosen.tolist(), ended)]
         live = [i for i, r in enumerate(state.rows) if not rows.done[r]]
         if not live:
-            break
-        if len(live) < len(state.rows):
+            state = None
+            continue
+        if len(live) < len(state.rows) and not (continuous and waiting):
             keep_rows(state, torch.tensor(live, device=model.device))
-        step(model, state, torch.tensor([fed[i] for i in live], device=model.device))
+            fed = [fed[i] for i in live]
+        step(model, state, torch.tensor(fed, device=model.device))
         stats.decode_passes += 1
+        stats.row_steps += len(live)
     stats.new_tokens += sum(len(t) for t in rows.tokens)
-    out = [Sample(tokenizer.decode(t, skip_special_tokens=True), len(t), f, forced)
-           for t, f, forced in zip(rows.tokens, rows.finished, rows.forced)]
-    return [out[i * m:(i + 1) * m] for i in range(len(prompts))]
+    return [Sample(tokenizer.decode(t, skip_special_tokens=True), len(t), f, forced)
+            for t, f, forced in zip(rows.tokens, rows.finished, rows.forced)]
 
 
 def length_groups(tokenizer, prompts: list[str], size: int) -> list[list[int]]:
@@ -357,24 +492,25 @@ def length_groups(tokenizer, prompts: list[str], size: int) -> list[list[int]]:
 
 
 def sample(model, tokenizer, prompts: list[str], seeds: list[list[int]], *, temperature: float, top_p: float,
-           max_new_tokens: int, reasoning_tokens: int | None = None,
-           max_rows: int = 64) -> tuple[list[list[Sample]], SamplingStats]:
-    """len(seeds[i]) samples of prompts[i] (one per seed); one prefill per group of max_rows // m prompts,
-    the prompts grouped by token length (results come back in the order of `prompts`).
+           max_new_tokens: int, reasoning_tokens: int | None = None, max_rows: int = 64,
+           continuous: bool = True) -> tuple[list[list[Sample]], SamplingStats]:
+    """len(seeds[i]) samples of prompts[i] (one per seed, the same number for every prompt), at most
+    `max_rows` rows decoding at a time, prompts taken shortest first (`length_groups`; results come back
+    in the order of `prompts`). Each prompt is prefilled once for its m rows. Without `continuous`, fixed
+    groups of max_rows // m prompts, each decoded until its longest row ends; with it, a finished row's
+    slot goes to the next (prompt, sample) at once. The outputs are the same either way: a row's tokens
+    depend only on its prompt and its seed's generator.
 
     `max_new_tokens` caps the response; with `reasoning_tokens` each output is a reasoning of at most
     that many tokens, the separator, then the response (see `Rows`)."""
     stats = SamplingStats(prompts=len(prompts))
     if not prompts:
         return [], stats
-    per_group = max(1, max_rows // len(seeds[0]))
-    results: list[list[Sample] | None] = [None] * len(prompts)
-    for group in length_groups(tokenizer, prompts, per_group):
-        done = _sample_group(model, tokenizer, [prompts[i] for i in group], [seeds[i] for i in group], temperature,
-                             top_p, max_new_tokens, reasoning_tokens, stats)
-        for i, out in zip(group, done):
-            results[i] = out
-    return results, stats
+    m = len(seeds[0])
+    order = [i for group in length_groups(tokenizer, prompts, max(1, max_rows // m)) for i in group]
+    out = _decode(model, tokenizer, prompts, order, seeds, temperature, top_p, max_new_tokens, reasoning_tokens,
+                  max_rows, continuous, stats)
+    return [out[i * m:(i + 1) * m] for i in range(len(prompts))], stats
 
 
 def prompts_of(tokenizer, chunk, chat: bool, budget: int) -> tuple[list[str], list[bool]]:
@@ -474,7 +610,8 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
     job = SamplingJob(
         ref=path, env=models.worker_env(settings), id_col=id_col, m=m, iteration=iteration, seed=seed,
         params={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                "reasoning_tokens": reasoning_tokens, "max_rows": max_rows},
+                "reasoning_tokens": reasoning_tokens, "max_rows": max_rows,
+                "continuous": settings.sample.continuous_batching},
         chat=chat, budget=budget or settings.prompt.max_input_tokens, batch_rows=settings.spark.arrow_batch_rows,
         with_worker_info=with_worker_info, counter=counter,
     )
@@ -482,8 +619,24 @@ def generate_df(df, model_ref: str, settings: Settings, *, m: int, temperature: 
         f"restpg sample: {m} x {max_new_tokens} tokens per prompt from {ref}, iteration {iteration}")
     log.info("sampling %d per prompt from %s (temperature %.2f, top-p %.2f)", m, ref, temperature, top_p)
     out = df.select(F.col(id_col).cast("string").alias(id_col), *columns)
-    if counter is not None:
-        from restpg.embedding import spread
+    workers = df.sparkSession.sparkContext.defaultParallelism
+    partitions = workers if counter is None else progress_partitions(workers, n_prompts, max(1, max_rows // m))
+    return by_length(out, partitions, prompt_length(out), id_col).mapInPandas(job, schema)
 
-        out = spread(out, progress_partitions(df.sparkSession.sparkContext.defaultParallelism, n_prompts, max(1, max_rows // m)))
-    return out.mapInPandas(job, schema)
+
+def prompt_length(df):
+    """A prompt's expected length in characters: of the `prompt` column, or of its head, items and tail."""
+    from pyspark.sql import functions as F
+
+    if "prompt" in df.columns:
+        return F.length("prompt")
+    items = F.aggregate("items", F.lit(0), lambda total, item: total + F.length(item))
+    return F.length("head") + F.coalesce(items, F.lit(0)) + F.length("tail")
+
+
+def by_length(df, partitions: int, length, id_col: str):
+    """df in `partitions` ranges of `length` (a column), shortest first within each: every Arrow batch, and so
+    every `sample` call, gets prompts of similar length (less padding to prefill and to attend over), and a
+    partition's prompts are alike too. The ranges cost one sampling pass over df (Spark's range bounds)."""
+    return (df.withColumn("_length", length).repartitionByRange(partitions, "_length", id_col)
+            .sortWithinPartitions("_length", id_col).drop("_length"))

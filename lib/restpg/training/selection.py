@@ -112,7 +112,8 @@ class Selector:
         s = self.settings
         samples, _ = generation.sample(model, self.tokenizer, self.sample.prompts, self.seeds,
                                        temperature=s.evaluate.temperature, top_p=s.evaluate.top_p,
-                                       max_rows=self.max_rows, **generation.limits(s, self.variant))
+                                       max_rows=self.max_rows, continuous=s.sample.continuous_batching,
+                                       **generation.limits(s, self.variant))
         outputs = [prompts.parse_output(self.variant, group[0].text, group[0].finished, group[0].forced)
                    for group in samples]
         responses = [o.response if o.format_ok else "" for o in outputs]
