@@ -113,3 +113,18 @@ def test_regrouped_rows_keep_the_logits_of_their_own_forwards(any_cache):
     advance(state, 40)
     advance(state, 50)
     check(state)
+
+
+def test_generation_work_is_split_by_prompt_length(spark):
+    """generate_df's split: ranges of prompt length across partitions, shortest first within each, so a
+    `sample` call gets prompts of similar length (struct prompts measured by their head, items and tail)."""
+    from pyspark.sql import functions as F
+
+    rows = [(f"ex-{i}", "w" * ((i * 7) % 23 + 1), ["i" * (i % 3)], "t") for i in range(40)]
+    df = spark.createDataFrame(rows, "example_id string, head string, items array<string>, tail string").repartition(3)
+    split = generation.by_length(df, 4, generation.prompt_length(df), "example_id")
+    parts = (split.withColumn("part", F.spark_partition_id()).withColumn("n", generation.prompt_length(df)).toPandas())
+    lengths = [list(group.n) for _, group in parts.groupby("part", sort=True)]
+    assert len(lengths) > 1 and all(ls == sorted(ls) for ls in lengths)  # sorted within each partition
+    assert all(a[-1] <= b[0] for a, b in zip(lengths, lengths[1:]))  # and the partitions are ranges
+    assert sorted(parts.n) == sorted(len(h) + len(i[0]) + 1 for _, h, i, _ in rows)
