@@ -120,6 +120,43 @@ def test_databricks_profile_is_estimated_with_no_workspace_or_credentials(tmp_pa
     assert lines[0].split()[:3] == ["stage", "t", "variant"] and "per EM iteration" in out.stdout
     assert {line.split()[0] for line in lines[2:-4]} >= {"retrieve", "reason", "train", "sample", "judge", "evaluate", "promote"}
     assert "Traceback" not in out.stderr and "no catalog 'main'" in out.stderr
+    assert "GPU memory per role" in out.stdout and any(line.startswith("teacher   google/gemma-7b-it") for line in lines)
     [result] = (home / "results").glob("estimate-*.json")
     assert json.loads(result.read_text())["iterations"] == 3 and lines[-1] == f"result: {result}"
     assert not (home / "mlflow.db").exists() and not (home / "mlruns").exists()
+
+
+def test_gpu_memory_per_role_at_the_databricks_profiles_sizes(tmp_path):
+    """The arithmetic on the published dims of the profile's models (gemma-2b policy, gemma-7b-it teacher and judge)."""
+    from restpg import prompts
+
+    settings = make_settings(tmp_path / "home", profile="databricks")
+    roles = {r["role"]: r for r in estimate.gpu_memory(settings)}
+    assert list(roles) == ["sampling", "teacher", "judge", "training"]
+    gib, vocab, output = 2**30, 256_000, 512 + prompts.SEPARATOR_ALLOWANCE + 1536  # rest_pg's cap: the longest
+    policy, teacher = 2_506_172_416, 8_537_680_896  # parameters of gemma-2b and gemma-7b(-it)
+
+    sampling = roles["sampling"]
+    kv = 2 * 18 * 1 * 256 * 2  # layers x kv heads (MQA) x head dim, keys and values, bf16
+    assert (sampling["tokens_per_row"], sampling["rows"]) == (5120 + output, 64)
+    assert sampling["weights"] == policy * 2 and sampling["kv_per_token"] == kv
+    assert sampling["batch"] == 64 * (kv * (5120 + output) + vocab * 4)
+    assert sampling["total"] == policy * 2 + sampling["batch"]
+
+    for role, tokens in (("teacher", 7680 + 512), ("judge", 4096 + 8)):
+        r = roles[role]
+        kv = 2 * 28 * 16 * 256 * 2  # 448 KiB a token: gemma-7b keeps every head's keys and values
+        assert r["kv_per_token"] == kv and r["tokens_per_row"] == tokens and r["weights"] == teacher * 2
+        assert r["rows_fit"][80] == int((0.9 * 80 * gib - teacher * 2) // (kv * tokens + vocab * 4))
+    assert roles["teacher"]["rows_fit"] == {24: 1, 40: 5, 80: 16}  # nowhere near 64 rows of 8k tokens
+
+    training = roles["training"]["parts"]
+    tokens = 8 * (5120 + output)  # micro-batch 8
+    assert training["weights"] == training["gradients"] == 4 * policy
+    assert training["optimizer"] < 0.01 * training["weights"]  # adafactor's factored second moments
+    assert training["logits"] == 8 * (output + 1) * vocab * 10  # the completion window only
+    assert training["activations"] == 34 * 2048 * tokens * 18
+    checkpointed = estimate.gpu_memory(make_settings(tmp_path / "home", "train.gradient_checkpointing=true",
+                                                     profile="databricks"))[-1]["parts"]
+    assert checkpointed["activations"] == 2 * 2048 * tokens * 18 + 34 * 2048 * tokens  # one layer recomputed at a time
+    assert "teacher   google/gemma-7b-it" in estimate.memory_table(estimate.gpu_memory(settings))

@@ -211,6 +211,80 @@ def totals(work: list[Work], rates: dict) -> dict:
             "hours_per_em_iteration": None if None in em or not em else round(sum(em) / 3600, 3)}
 
 
+INFERENCE_ROWS = 64  # rows of a sampling or judging batch on CPUs (generate_df's max_rows, the judge's)
+GPU_GIB = (24, 40, 80)  # A10G, A100 40 GB, A100/H100 80 GB
+GIB = 2**30
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def gpu_memory(settings: Settings) -> list[dict]:
+    """GPU memory of each role at the profile's sizes (bytes): inference roles hold their weights and, for a
+    batch of `INFERENCE_ROWS` rows at their prompt budget + output cap, the KV cache and one position's
+    logits (`sizing`); `rows_fit` are the rows `sizing.batch_rows` gives them on GPUs of `GPU_GIB` (0: not
+    one). Training holds float32 weights, gradients, optimizer state, the completion window's logits and
+    activations. A role whose model's dims are not at hand (not downloaded or converted) gets None."""
+    from restpg import rewards, sizing
+    from restpg.rewards import JUDGE_LABEL_TOKENS
+
+    m, p, dtype = settings.models, settings.prompt, _dtype_bytes(settings.models.dtype)
+    output = max(cap(settings, v) for v in V.check(settings.loop.variants))
+    roles = [("sampling", m.policy, p.max_input_tokens + output)]
+    if not extractive.is_extractive(m.teacher):
+        roles.append(("teacher", m.teacher, settings.reason.max_input_tokens + p.max_reasoning_tokens))
+    if settings.judge.reward == "llm":
+        roles.append(("judge", rewards.judge_model(settings), settings.judge.max_input_tokens + JUDGE_LABEL_TOKENS))
+    out = []
+    for role, ref, tokens in roles:
+        config = sizing.config_of(ref, settings)
+        row = {"role": role, "model": ref, "tokens_per_row": tokens, "rows": INFERENCE_ROWS}
+        if config is not None:
+            weights, per_row = sizing.weight_count(config) * dtype, sizing.row_bytes(config, tokens, dtype)
+            fit = {}
+            for g in GPU_GIB:
+                try:
+                    fit[g] = sizing.batch_rows(config, g * GIB, tokens, dtype)
+                except ValueError:
+                    fit[g] = 0
+            row.update(weights=weights, kv_per_token=sizing.kv_bytes_per_token(config, dtype),
+                       batch=INFERENCE_ROWS * per_row, total=weights + INFERENCE_ROWS * per_row, rows_fit=fit)
+        out.append(row)
+    t, config = settings.train, sizing.config_of(m.policy, settings)
+    row = {"role": "training", "model": m.policy, "tokens_per_row": p.max_input_tokens + output, "rows": t.micro_batch_size}
+    if config is not None:
+        parts = sizing.training_bytes(config, t.optimizer, t.micro_batch_size, p.max_input_tokens + output, output + 1,
+                                      t.gradient_checkpointing)
+        row.update(parts=parts, total=sum(parts.values()))
+    out.append(row)
+    return out
+
+
+def _gb(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / GIB:.1f}"
+
+
+def memory_table(rows: list[dict]) -> str:
+    """One line per role: GiB of weights, KV cache per token, batch (KV cache and logits) and total, and the
+    rows GPUs of each size hold; training's parts on a line of their own."""
+    head = (f"{'role':<10}{'model':<34}{'tokens/row':>11}{'rows':>6}{'weights':>9}{'KV/token':>10}{'batch':>8}{'total':>8}"
+            + "".join(f"{f'rows@{g}G':>10}" for g in GPU_GIB))
+    lines = ["GPU memory per role (GiB) at the profile's sizes", head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['role']:<10}{r['model'][:33]:<34}{r['tokens_per_row']:>11}{r['rows']:>6}"
+        if "parts" in r:
+            line += f"{_gb(r['parts']['weights']):>9}{'':>10}{'':>8}{_gb(r['total']):>8}"
+            line += "\n" + " " * 10 + "  ".join(f"{k} {_gb(v)}" for k, v in r["parts"].items())
+        elif "weights" in r:
+            line += (f"{_gb(r['weights']):>9}{r['kv_per_token'] / 1024:>8.0f}KB{_gb(r['batch']):>8}{_gb(r['total']):>8}"
+                     + "".join(f"{r['rows_fit'][g]:>10}" for g in GPU_GIB))
+        else:
+            line += "   (no config at hand: convert or download the model first)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def budgeted(spark, settings: Settings) -> Settings:
     """`settings` with an `auto` response budget resolved from the examples table, or at its cap before ingest."""
     from restpg import budgets
@@ -234,6 +308,9 @@ def run(spark, settings: Settings, *, run_id: str | None, bench: str | None = No
     if missing:
         say(f"estimate: no measured rate for {', '.join(missing)}: those jobs show n/a")
     out = totals(work, rates)
-    return {**out, "rates": rates, "rates_from": source, "train_inputs": counts.train_inputs,
+    memory = gpu_memory(settings)
+    if settings.models.device.startswith("cuda") or settings.train.device == "cuda":
+        print(memory_table(memory), flush=True)
+    return {**out, "gpu_memory": memory, "rates": rates, "rates_from": source, "train_inputs": counts.train_inputs,
             "splits": counts.split_inputs, "upper_bound": "outputs at their caps, training rows at prompt budget + cap",
             "jobs": len(work), "iterations": settings.loop.iterations, "max_response_tokens": settings.prompt.max_response_tokens}

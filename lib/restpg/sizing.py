@@ -88,7 +88,8 @@ def training_bytes(config, optimizer: str, micro_batch: int, seq_tokens: int, wi
                    checkpointing: bool = False) -> dict:
     """A full fine-tuning job's GPU memory, by part (bytes): float32 weights and gradients, the optimizer's
     state (AdamW: two float32 moments; Adafactor: factored), the logits of the completion `window` (bf16 under
-    autocast and their float32 copy for the loss), and activations kept for backward. Activations are an
+    autocast, their float32 copy for the loss and its log-softmax kept for backward: 10 bytes a logit), and
+    activations kept for backward. Activations are an
     order of magnitude, not a measurement: ~34 bytes x hidden per token and layer in 16 bits with attention
     that never holds the seq x seq scores (Korthikanti et al. 2022), or one bf16 hidden state per token and
     layer with gradient checkpointing (plus one layer recomputed at a time)."""
@@ -98,4 +99,38 @@ def training_bytes(config, optimizer: str, micro_batch: int, seq_tokens: int, wi
     activations = (2 * d.hidden * tokens * d.layers + per_layer) if checkpointing else per_layer * d.layers
     return {"weights": 4 * n, "gradients": 4 * n,
             "optimizer": 8 * n if optimizer == "adamw" else adafactor_bytes(config),
-            "logits": micro_batch * window * d.vocab * (2 + 4), "activations": activations}
+            "logits": micro_batch * window * d.vocab * (2 + 4 + 4), "activations": activations}
+
+
+def _gemma(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int) -> dict:
+    return {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": 256, "intermediate_size": intermediate, "vocab_size": 256000, "tie_word_embeddings": True}
+
+
+# the dims of hub models the profiles name (from their config.json): an estimate sizes them with no download
+# and no credentials (Gemma's repositories are gated)
+KNOWN_CONFIGS = {name: cfg for names, cfg in (
+    (("google/gemma-2b", "google/gemma-2b-it"), _gemma(18, 2048, 8, 1, 16384)),
+    (("google/gemma-7b", "google/gemma-7b-it"), _gemma(28, 3072, 16, 16, 24576)),
+) for name in names}
+
+
+def config_of(ref: str, settings) -> dict | None:
+    """The config.json of a model reference without loading, converting or downloading anything: a known
+    hub model's dims, or the file of a local directory, a converted packaged model or a hub snapshot under
+    the home; None when none is at hand (an MLflow reference, a packaged model not converted yet)."""
+    import json
+    from pathlib import Path
+
+    from restpg import models
+
+    if ref in KNOWN_CONFIGS:
+        return KNOWN_CONFIGS[ref]
+    if ref.startswith("packaged:"):
+        where = models.cache_dir(settings) / ref.removeprefix("packaged:")
+    elif Path(ref).is_dir():
+        where = Path(ref)
+    else:
+        where = settings.home_dir / "models" / "hub" / ref.replace("/", "--")
+    path = where / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
