@@ -471,6 +471,8 @@ def summarize(res: dict) -> tuple[list[dict], dict]:
         pairs = zip(one["estep"], two["estep"])
         rows.append(ratio_row("E-step, 2 workers x 1 thread", [a["seconds"] / b["seconds"] for a, b in pairs], "x", None,
                               f"1 worker x {one['worker_threads']} threads"))
+    rows += res.get("continuous", {}).get("ratios", []) if res.get("continuous") else [
+        {"measure": "continuous batching (bench_continuous.py)", "reference": "", "median": None, "why": "not run or failed"}]
     rates = {"generate_tokens_per_s": s["m1_tps"]["median"],
              "sample_tokens_per_s": statistics.median(r["ours_tps"] for r in m32),
              "judge_outputs_per_s": statistics.median(r["outputs"] / r["judge_s"] for r in j),
@@ -552,6 +554,9 @@ def main() -> int:
     del bf16_model
     budget_in.start(1.0)
     res["training"] = bench_training(args, budget_in, bf16_slow)
+    save()
+    print("continuous batching and m=32 (bench_continuous.py) ...", flush=True)
+    res["continuous"] = run_child(["bench/bench_continuous.py", "--name", args.name] + (["--quick"] if args.quick else []), 600)
     save()
     # the XLA child before the Spark ones: it needs a fixed ~2 minutes, the Spark children drop rounds to fit
     if res["machine"]["torch_xla"] and not args.no_xla and budget.left() > 120:
