@@ -650,12 +650,13 @@ def test_schema_volumes_model_and_experiment_are_declared_with_grants(target, ki
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_tasks_write_where_the_bundle_declares(target, tmp_path):
-    """Every task's schema, registered model, experiment and checkpoint root are the declared resources as
+    """Every task's schema, registered model, experiment, model Volume and checkpoint root are the declared resources as
     the target deploys them: the model name is catalog.schema.policy, never a variable that can disagree."""
     assert "policy_model_name" not in BUNDLE["variables"]
     refs, catalog = _refs(target), _variables(target)["catalog"]
     schema, model = refs["resources.schemas.restpg.name"], refs["resources.registered_models.policy.name"]
     [volume] = [v for v in _resources(target, "volumes").values() if v["name"] == "checkpoints"]
+    [shared] = [v for v in _resources(target, "volumes").values() if v["name"] == "models"]
     sources = {p["default"] for job in _jobs(target).values() for p in job.get("parameters", []) if p["name"] == "source"}
     assert sources == {f"/Volumes/{catalog}/{schema}/inputs/longlamp"}
     for name, job, task, parent in _runnable_tasks(_jobs(target)):
@@ -665,6 +666,8 @@ def test_tasks_write_where_the_bundle_declares(target, tmp_path):
         assert (settings.catalog.catalog, settings.catalog.schema) == (catalog, schema), f"{name}.{task['task_key']}"
         assert settings.mlflow.policy_model_name == f"{catalog}.{schema}.{model}"
         assert settings.mlflow.experiment == refs["resources.experiments.restpg.name"]
+        # workers load what the driver downloaded, from a Volume (a job's home is its driver's local disk)
+        assert settings.models.shared_dir == f"/Volumes/{shared['catalog_name']}/{shared['schema_name']}/{shared['name']}"
         if _entry_point(task).stem in ("train", "pipeline"):
             assert settings.train.checkpoint_root == f"/Volumes/{volume['catalog_name']}/{volume['schema_name']}/{volume['name']}"
 

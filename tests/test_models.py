@@ -140,6 +140,8 @@ def test_executor_path_pins_and_hands_over_a_directory_hub_models_under_the_home
     assert Path(path) == settings.home_dir / "models" / "hub" / "someone--tiny" and (Path(path) / "config.json").exists()
     assert models.executor_path("someone/tiny", settings) == path and calls == ["someone/tiny"]
     assert models.executor_path(str(tiny_dir), settings) == str(tiny_dir)
+    volume = make_settings(tmp_path / "driver-disk", f"models.shared_dir={tmp_path / 'volume'}")  # Databricks
+    assert Path(models.executor_path("someone/tiny", volume)) == tmp_path / "volume" / "hub" / "someone--tiny"
 
 
 class _Gpu:

@@ -64,6 +64,8 @@ class ModelsConfig:
     dtype: str = _f("float32", "inference dtype: float32 | bfloat16 | float16")
     device: str = _f("auto", "inference device: auto | cpu | cuda")
     cache_dir: str = _f("", "converted packaged checkpoints, shared by every home; empty = $RESTPG_MODEL_CACHE or ~/.cache/restpg/models")
+    shared_dir: str = _f("", "where the driver puts the models it downloads (registered versions, hub snapshots) for every "
+                             "Spark worker to read: a UC Volume on Databricks; empty = <home>/models")
 
 
 @dataclass

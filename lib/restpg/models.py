@@ -134,6 +134,12 @@ def cache_dir(settings: Settings) -> Path:
     return Path(settings.models.cache_dir or os.environ.get("RESTPG_MODEL_CACHE") or Path.home() / ".cache" / "restpg" / "models")
 
 
+def shared_dir(settings: Settings) -> Path:
+    """Where the driver downloads models for the executors (`models.shared_dir`, default `<home>/models`): on
+    Databricks a Volume, since the home of a job's driver is its own local disk, which no worker reads."""
+    return Path(settings.models.shared_dir) if settings.models.shared_dir else settings.home_dir / "models"
+
+
 def resolve_ref(ref: str, settings: Settings) -> str:
     """Pins a moving reference (``models:/name@alias``) to its version, for lineage and stable caching."""
     if not (ref.startswith("models:/") and "@" in ref):
@@ -194,7 +200,7 @@ def _mlflow_checkpoint(ref: str, settings: Settings) -> Path:
     local = _local_artifacts(uri, settings)
     if local is not None:
         return _hf_dir(local)
-    target = settings.home_dir / "models" / "mlflow" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    target = shared_dir(settings) / "mlflow" / hashlib.sha1(uri.encode()).hexdigest()[:16]
     if not target.exists():
         tracking, registry = _mlflow_uris(settings)
         mlflow.set_registry_uri(registry)
@@ -239,12 +245,12 @@ HUB_STAMP = "restpg-hub-snapshot.json"
 
 
 def _hub_checkpoint(ref: str, settings: Settings) -> Path:
-    """A hub model as plain files under the home, downloaded once, atomically: the HF cache lives on the
-    node that downloads it (and links its files, which a Volume does not support), the home is where
+    """A hub model as plain files under `shared_dir`, downloaded once, atomically: the HF cache lives on the
+    node that downloads it (and links its files, which a Volume does not support), `shared_dir` is where
     every worker reads (a Volume on Databricks)."""
     from huggingface_hub import snapshot_download
 
-    target = settings.home_dir / "models" / "hub" / ref.replace("/", "--")
+    target = shared_dir(settings) / "hub" / ref.replace("/", "--")
     if (target / HUB_STAMP).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +271,7 @@ def _hub_checkpoint(ref: str, settings: Settings) -> Path:
 def executor_path(ref: str, settings: Settings) -> str:
     """On the driver: the directory Spark executors load `ref` from. The reference is pinned, converted or
     downloaded here, once, into a directory every worker reads: a local file store's own artifacts, the
-    packaged-model cache, or the home (downloaded MLflow artifacts, hub snapshots; a Volume on Databricks).
+    packaged-model cache, or `shared_dir` (downloaded MLflow artifacts, hub snapshots; a Volume on Databricks).
     Executors have no tracking credentials of their own and must not each download a copy, so a UDF gets
     this path; lineage (tables, MLflow) keeps naming the pinned ``models:/name/N``."""
     return str(checkpoint_dir(resolve_ref(ref, settings), settings))

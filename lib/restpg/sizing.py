@@ -131,6 +131,6 @@ def config_of(ref: str, settings) -> dict | None:
     elif Path(ref).is_dir():
         where = Path(ref)
     else:
-        where = settings.home_dir / "models" / "hub" / ref.replace("/", "--")
+        where = models.shared_dir(settings) / "hub" / ref.replace("/", "--")
     path = where / "config.json"
     return json.loads(path.read_text()) if path.exists() else None
