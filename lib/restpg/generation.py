@@ -547,12 +547,14 @@ class SamplingJob:
         settings = models.worker_settings(self.env)
         for pdf in batches:
             model, tokenizer = models.cached_causal_lm(self.ref, settings)  # loaded on the first batch only
+            room = self.budget + (self.params["reasoning_tokens"] or 0) + self.params["max_new_tokens"] + 16
+            params = {**self.params, "max_rows": models.inference_rows(model, room, self.params["max_rows"])}  # a GPU's rows
             for start in range(0, len(pdf), self.batch_rows):
                 chunk = pdf.iloc[start:start + self.batch_rows]
                 ids = [str(i) for i in chunk[self.id_col]]
                 prompts, truncated = prompts_of(tokenizer, chunk, self.chat, self.budget)
                 seeds = [[sample_seed(i, j, self.iteration, self.seed) for j in range(self.m)] for i in ids]
-                samples, stats = sample(model, tokenizer, prompts, seeds, **self.params)
+                samples, stats = sample(model, tokenizer, prompts, seeds, **params)
                 log.info("sampled %d prompts x %d (%d truncated): %d tokens, %d prefills", len(ids), self.m,
                          sum(truncated), stats.new_tokens, stats.prefill_passes)
                 out = pd.DataFrame([
