@@ -96,6 +96,19 @@ def test_table_and_totals_at_rates_from_a_bench_file(tmp_path):
     assert "n/a" in estimate.table(work, {})
 
 
+def test_the_rates_come_from_the_newest_bench_result_that_has_them(tmp_path):
+    """Other benchmarks (bench_continuous) write their own JSON into bench/results: a newer one of those is
+    not where `make bench`'s rates are."""
+    import os
+
+    rated, other = tmp_path / "cpu.json", tmp_path / "continuous-cpu.json"
+    rated.write_text(json.dumps({"rates": {"sample_tokens_per_s": 200}}))
+    other.write_text(json.dumps({"mixed": {"rounds": []}}))
+    os.utime(rated, (1, 1))
+    assert estimate.latest_bench(tmp_path) == rated
+    assert estimate.latest_bench(tmp_path / "none") is None
+
+
 def test_run_counts_the_examples_table(spark, tmp_path, capsys):
     settings = _settings(tmp_path)
     rows = [example_row(f"e{i}", f"u{i % 2}", split="train") for i in range(5)] + [example_row("t0", "u0", split="test")]

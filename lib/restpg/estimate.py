@@ -159,7 +159,14 @@ def seconds(w: Work, rates: dict) -> float | None:
 
 
 def latest_bench(results_dir: Path = RESULTS_DIR) -> Path | None:
-    files = sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    """The newest `make bench` result that carries rates (other benchmarks write their own JSON beside it)."""
+    def has_rates(p: Path) -> bool:
+        try:
+            return bool(json.loads(p.read_text()).get("rates"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    files = sorted((p for p in results_dir.glob("*.json") if has_rates(p)), key=lambda p: p.stat().st_mtime)
     return files[-1] if files else None
 
 
