@@ -49,6 +49,7 @@ class Work:
     judge_passes: int = 0
     train_tokens: int = 0
     embedded_texts: int = 0
+    rows: int = 1  # outputs decoded side by side (one batch) in single-output generation
 
 
 def counts_of(records: list[dict], max_examples: int = 0) -> DataCounts:
@@ -110,7 +111,7 @@ def _train(settings: Settings, variant: str, iteration: int) -> Work:
     selections = 1 + (t.steps // t.eval_every if t.eval_every > 0 else 0) + (t.eval_every <= 0 or t.steps % t.eval_every != 0)
     outputs = selections * t.selection_examples
     return Work("train", iteration, variant, generated_tokens=outputs * n, generated_outputs=outputs, judge_passes=outputs,
-                train_tokens=t.steps * t.batch_size * (settings.prompt.max_input_tokens + n))
+                train_tokens=t.steps * t.batch_size * (settings.prompt.max_input_tokens + n), rows=batch(t.selection_examples))
 
 
 def plan(settings: Settings, counts: DataCounts) -> list[Work]:
@@ -122,36 +123,55 @@ def plan(settings: Settings, counts: DataCounts) -> list[Work]:
     work = [Work("retrieve", None, "", embedded_texts=counts.embed_texts)]
     if any(V.uses_reasoning(v) for v in sft):  # the extractive teacher writes its slots without a model
         n = 0 if extractive.is_extractive(settings.models.teacher) else train_n
-        work.append(Work("reason", None, "teacher", generated_tokens=n * settings.prompt.max_reasoning_tokens, generated_outputs=n))
+        work.append(Work("reason", None, "teacher", generated_tokens=n * settings.prompt.max_reasoning_tokens, generated_outputs=n,
+                         rows=batch(n)))
     work += [_train(settings, v, 0) for v in sft]
     val = min(settings.validate.examples, counts.split_inputs.get(settings.validate.split, 0))
     base = sft[0] if sft else "sft"
     work.append(Work("validate_reward", None, base, generated_tokens=2 * val * cap(settings, base), generated_outputs=2 * val,
-                     judge_passes=2 * val + 3 * val))
+                     judge_passes=2 * val + 3 * val, rows=batch(val)))
     for t in range(1, settings.loop.iterations + 1):
         for v in em:
             outputs = train_n * m
             work.append(Work("sample", t, v, generated_tokens=outputs * cap(settings, v), generated_outputs=outputs, sampled=True))
             work.append(Work("judge", t, v, judge_passes=outputs))
             work.append(Work("train", t, v, **{k: getattr(_train(settings, v, t), k) for k in
-                                               ("generated_tokens", "generated_outputs", "judge_passes", "train_tokens")}))
+                                               ("generated_tokens", "generated_outputs", "judge_passes", "train_tokens", "rows")}))
     for stage, split in (("evaluate", settings.evaluate.split), ("promote", settings.promote.split)):
         n = counts.split_inputs.get(split, 0)
         tokens = sum(n * cap(settings, v) for v in names)
         work.append(Work(stage, None, ",".join(names), generated_tokens=tokens, generated_outputs=n * len(names),
-                         judge_passes=n * len(names)))
+                         judge_passes=n * len(names), rows=batch(n)))  # a batch holds one variant's (one model's) prompts
     return work
+
+
+def batch(outputs: int) -> int:
+    """Outputs a single-output generation job decodes side by side: all of them, up to a batch's rows."""
+    return max(1, min(outputs, INFERENCE_ROWS))
+
+
+def generation_rate(w: Work, rates: dict) -> float | None:
+    """Tokens per second of `w`'s generation. Single-output generation is timed at one row (`make bench`'s
+    generate rate); a batch of `w.rows` rows reads the weights once per step for all of them, so it makes up
+    to `rows` times that, never more than the measured E-step sampler (a full batch of rows)."""
+    if w.sampled:
+        return rates.get("sample_tokens_per_s")
+    single = rates.get("generate_tokens_per_s")
+    if not single:
+        return None
+    full = rates.get("sample_tokens_per_s") or single
+    return min(w.rows * single, max(full, single))
 
 
 def seconds(w: Work, rates: dict) -> float | None:
     """Wall seconds of `w` at `rates`; None when a rate it needs is missing."""
-    parts = [(w.generated_tokens, "sample_tokens_per_s" if w.sampled else "generate_tokens_per_s"),
+    parts = [(w.generated_tokens, "generation"),
              (w.judge_passes, "judge_outputs_per_s"), (w.train_tokens, "train_tokens_per_s"),
              (w.embedded_texts, "embed_texts_per_s")]
     total = 0.0
     for amount, key in parts:
         if amount:
-            rate = rates.get(key)
+            rate = generation_rate(w, rates) if key == "generation" else rates.get(key)
             if not rate:
                 return None
             total += amount / rate
