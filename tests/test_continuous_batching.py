@@ -128,3 +128,22 @@ def test_generation_work_is_split_by_prompt_length(spark):
     assert len(lengths) > 1 and all(ls == sorted(ls) for ls in lengths)  # sorted within each partition
     assert all(a[-1] <= b[0] for a, b in zip(lengths, lengths[1:]))  # and the partitions are ranges
     assert sorted(parts.n) == sorted(len(h) + len(i[0]) + 1 for _, h, i, _ in rows)
+
+
+@pytest.mark.slow
+def test_gemma_refills_slots_across_its_sliding_window_layers_with_the_same_outputs(settings):
+    """The packaged Gemma 3 270M (BOS-emitting template, digit-splitting tokenizer, sliding-window layers beside
+    full-attention ones, as the paper's Gemma policies): refilled rows decode what fixed groups decode."""
+    from helpers import GEMMA
+
+    model, tokenizer = models.cached_causal_lm(GEMMA, settings)
+    eos = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = list(range(2, len(tokenizer), 7))  # rows end at different steps
+        seeds = [[sample_seed(f"g-{i}", j, 1, 0) for j in range(2)] for i in range(4)]
+        fixed, refilled = (sample(model, tokenizer, PROMPTS[:4], seeds, max_rows=4, continuous=on, temperature=0.0,
+                                  top_p=1.0, max_new_tokens=8) for on in (False, True))
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert refilled[1].refilled_rows > 0
+    assert [[s.text for s in row] for row in refilled[0]] == [[s.text for s in row] for row in fixed[0]]
