@@ -198,8 +198,12 @@ def test_a_missing_required_column_is_an_error_not_a_silent_change(spark, tmp_pa
         catalog.ensure(spark, s, "judge_scores")
 
 
-def test_local_spark_follows_the_profiles_adaptive_setting(spark, settings):
-    """The local profile turns adaptive execution off (it re-plans each tiny query for no gain); the
-    session the suite shares was built from that profile."""
-    assert settings.spark.adaptive is False
+def test_local_spark_follows_the_profiles_adaptive_and_codegen_settings(spark, settings):
+    """The local profile turns adaptive execution and generated code off (each re-plans or compiles every
+    tiny query for no gain); the session the suite shares was built from that profile, and interprets."""
+    assert settings.spark.adaptive is False and settings.spark.codegen is False
     assert spark.conf.get("spark.sql.adaptive.enabled") == "false"
+    assert spark.conf.get("spark.sql.codegen.wholeStage") == "false"
+    assert spark.conf.get("spark.sql.codegen.factoryMode") == "NO_CODEGEN"
+    plan = spark.range(3).selectExpr("id * 2 AS x").where("x > 1")._jdf.queryExecution().executedPlan().toString()
+    assert "*(" not in plan  # no whole-stage codegen stage marker

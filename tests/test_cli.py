@@ -7,6 +7,8 @@ import inspect
 import json
 import logging
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -178,3 +180,34 @@ def test_third_party_noise_is_off_unless_verbose(process_state, monkeypatch, tmp
         warnings.warn("\x1b[33mAdd type hints to the `predict` method to enable data validation\x1b[0m", UserWarning)
         warnings.warn("a warning of restpg's own", UserWarning)
     assert shown == ["a warning of restpg's own"]
+
+
+QUIET_START = """
+import sys
+from restpg import runtime
+from restpg.config import load_settings
+runtime.quiet_third_party()
+if sys.argv[2:]:  # a JVM whose start fails after resolving: what it printed must be shown
+    runtime._launch_jvm_quietly({"spark.master": "local[1]", "spark.jars.packages": sys.argv[2]})
+print(runtime.get_spark(load_settings("local", [], home=sys.argv[1])).range(3).count())
+"""
+
+
+@pytest.mark.spark
+def test_a_local_jvm_starts_without_the_resolution_report_and_a_failed_start_shows_it(tmp_path):
+    """`restpg` (quiet): the ~45 lines of Spark's dependency resolution at every local JVM start are left out
+    and the JVM's own warnings still pass; a JVM that dies at start prints what it had said, resolution
+    report included."""
+    from restpg import runtime
+
+    env = {k: v for k, v in os.environ.items() if k not in runtime.QUIET_ENV}
+    ok = subprocess.run([sys.executable, "-c", QUIET_START, str(tmp_path / "ok")], capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert ok.returncode == 0 and ok.stdout.strip() == "3", ok.stderr[-3000:]
+    assert "artifacts copied" not in ok.stderr and ":: resolving dependencies" not in ok.stderr, ok.stderr[-3000:]
+    assert "Setting default log level" not in ok.stderr
+
+    bad = subprocess.run([sys.executable, "-c", QUIET_START, str(tmp_path / "bad"), "io.restpg.absent:nothing:0.0.1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0
+    assert ":: resolving dependencies" in bad.stderr and "io.restpg.absent#nothing" in bad.stderr, bad.stderr[-3000:]

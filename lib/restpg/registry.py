@@ -3,6 +3,10 @@ and finding which version belongs to a (variant, iteration) from those tags, rea
 (`get_model_version`) as Unity Catalog requires."""
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 from restpg.config import Settings
 
 from restpg import variants
@@ -108,12 +112,17 @@ def register_checkpoint(settings: Settings, checkpoint, tags: dict) -> tuple[str
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
                                params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]))
     name = settings.mlflow.policy_model_name
-    info = mlflow.pyfunc.log_model(
-        name="policy", python_model=_policy_pyfunc(), artifacts={"checkpoint": str(checkpoint)}, signature=signature,
-        # explicit requirements: inferring them would load the model once more in a subprocess
-        pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                          f"transformers=={transformers.__version__}", "accelerate", "safetensors"],
-        registered_model_name=name)
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):  # MLflow prints "Successfully registered…" / "Created version…"
+        info = mlflow.pyfunc.log_model(
+            name="policy", python_model=_policy_pyfunc(), artifacts={"checkpoint": str(checkpoint)}, signature=signature,
+            # explicit requirements: inferring them would load the model once more in a subprocess
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                              f"transformers=={transformers.__version__}", "accelerate", "safetensors"],
+            registered_model_name=name)
+    sys.stderr.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                             if not line.startswith(("Successfully registered model", "Registered model",
+                                                     "Created version"))))
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in tags.items():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 from restpg.config import Settings
@@ -30,6 +32,7 @@ QUIET_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "MLFLOW_LOGGING_LEVEL": "ERROR",
     "TQDM_DISABLE": "1",
+    "RESTPG_QUIET_JVM_START": "1",  # get_spark: Spark's dependency resolution report at JVM start left out
 }
 # MLflow's advice when a pyfunc is logged (in the driver; the messages start with a colour code)
 QUIET_WARNINGS = ("Add type hints to the `predict` method", "An input example was not provided")
@@ -86,6 +89,62 @@ def release_memory() -> None:
         pass
 
 
+# What Spark's JVM prints on stderr at every local start and nobody reads: the dependency resolution of
+# `spark.jars.packages` (Ivy, ~45 lines from ":: loading settings" or "Ivy Default Cache" to "N artifacts
+# copied") and start-up notices. Everything else it prints (warnings, errors, stack traces) passes through.
+_IVY_START = re.compile(r"^(:: loading settings :: |Ivy Default Cache set to)")
+_IVY_END = re.compile(r"\d+ artifacts copied, \d+ already retrieved")
+_LOG_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d ")
+_NOTICES = re.compile(r"^(WARNING: Using incubator modules|Using Spark's default log4j profile|Setting default log level to"
+                      r"|To adjust logging level use sc\.setLogLevel)|WARN NativeCodeLoader: Unable to load native-hadoop")
+
+
+def _forward_jvm_stderr(read_fd: int, swallowed: list[str]) -> None:
+    """Copy the JVM's stderr to ours line by line, leaving out Ivy's resolution report and the start-up
+    notices (kept in `swallowed`, printed if the JVM fails to start)."""
+    in_ivy = False
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode(errors="replace")
+            if not in_ivy and _IVY_START.search(line):
+                in_ivy = True
+            if in_ivy and _LOG_LINE.search(line):  # Spark logging again: the report is over (or broke off)
+                in_ivy = False
+            if in_ivy or _NOTICES.search(line):
+                swallowed.append(line)
+                if _IVY_END.search(line):
+                    in_ivy = False
+                continue
+            os.write(2, raw)
+
+
+def _launch_jvm_quietly(options: dict) -> None:
+    """Start the local driver's JVM (as `getOrCreate` would, with the same configuration) with its stderr
+    read through `_forward_jvm_stderr`, so a run's console starts with its own lines. A JVM that fails to
+    start shows everything it printed. Only where `quiet_third_party` ran (not `--verbose`); no-op when a
+    JVM is already up or PySpark was given one."""
+    import threading
+
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    if (SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ
+            or os.environ.get("RESTPG_QUIET_JVM_START") != "1"):
+        return
+    read_fd, write_fd = os.pipe()
+    swallowed: list[str] = []
+    threading.Thread(target=_forward_jvm_stderr, args=(read_fd, swallowed), name="jvm-stderr", daemon=True).start()
+    try:
+        gateway = launch_gateway(SparkConf().setAll(list(options.items())), popen_kwargs={"stderr": write_fd})
+    except Exception:
+        time.sleep(0.5)  # let the reader take the JVM's last lines
+        sys.stderr.write("".join(swallowed))
+        raise
+    finally:
+        os.close(write_fd)
+    SparkContext._ensure_initialized(gateway=gateway)
+
+
 def get_spark(settings: Settings):
     """The cluster's session on Databricks; locally `local[*]` with Delta, warehouse under the home."""
     from pyspark.sql import SparkSession
@@ -108,6 +167,8 @@ def get_spark(settings: Settings):
             .config("spark.driver.memory", settings.spark.driver_memory)
             .config("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
             .config("spark.sql.adaptive.enabled", str(settings.spark.adaptive).lower())
+            .config("spark.sql.codegen.wholeStage", str(settings.spark.codegen).lower())
+            .config("spark.sql.codegen.factoryMode", "FALLBACK" if settings.spark.codegen else "NO_CODEGEN")
             .config("spark.default.parallelism", str(settings.spark.shuffle_partitions))
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
@@ -116,7 +177,9 @@ def get_spark(settings: Settings):
             .config("spark.databricks.delta.snapshotPartitions", "2")
             .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={home / 'derby'}")
         )
-        spark = configure_spark_with_delta_pip(builder).getOrCreate()
+        builder = configure_spark_with_delta_pip(builder)
+        _launch_jvm_quietly(dict(builder._options))
+        spark = builder.getOrCreate()
         spark.sparkContext.setLogLevel(settings.spark.log_level)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.spark.arrow_batch_rows))
     from restpg import catalog
