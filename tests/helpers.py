@@ -91,3 +91,27 @@ def example_row(example_id: str, user_id: str, split: str = "train", task: str =
     return {"example_id": example_id, "user_id": user_id, "split": split, "task": task, "input": input, "target": target,
             "profile": [{"item_id": it["item_id"], "text": it["text"], "fields": it.get("fields", {"reviewText": it["text"]})}
                         for it in items]}
+
+
+def register_tiny_policy(settings, checkpoint: str, slices: list[tuple[str, int]]) -> list[str]:
+    """One registered version of `checkpoint` (a pyfunc whose artifact is the checkpoint directory, as the
+    training job logs it) per (variant, iteration), tagged as the training job tags it; their numbers."""
+    import mlflow
+
+    from restpg.runtime import setup_mlflow
+
+    class Checkpoint(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    setup_mlflow(settings)
+    with mlflow.start_run(run_name="tiny-policy"):
+        source = mlflow.pyfunc.log_model(name="policy", python_model=Checkpoint(), artifacts={"checkpoint": checkpoint},
+                                         pip_requirements=[]).model_uri
+    client, name, versions = mlflow.MlflowClient(), settings.mlflow.policy_model_name, []
+    for variant, iteration in slices:
+        version = str(mlflow.register_model(source, name).version)
+        client.set_model_version_tag(name, version, "variant", variant)
+        client.set_model_version_tag(name, version, "iteration", str(iteration))
+        versions.append(version)
+    return versions

@@ -11,35 +11,12 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from helpers import example_row, make_settings, tiny_overrides, write_rows
+from helpers import example_row, make_settings, register_tiny_policy, tiny_overrides, write_rows
 from restpg import catalog, evaluate, models, prompts, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ["ex-1", "ex-2", "ex-3"]
 TARGET = "The quick brown fox jumps over the lazy dog, a review of ten apples."
-
-
-def register(settings, checkpoint: str, slices: list[tuple[str, int]]) -> list[str]:
-    """One registered version of `checkpoint` per (variant, iteration), tagged as the training job does."""
-    import mlflow
-
-    from restpg.runtime import setup_mlflow
-
-    class Checkpoint(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
-    setup_mlflow(settings)
-    with mlflow.start_run(run_name="tiny-policy"):
-        source = mlflow.pyfunc.log_model(name="policy", python_model=Checkpoint(), artifacts={"checkpoint": checkpoint},
-                                         pip_requirements=[]).model_uri
-    client, name, versions = mlflow.MlflowClient(), settings.mlflow.policy_model_name, []
-    for variant, iteration in slices:
-        version = str(mlflow.register_model(source, name).version)
-        client.set_model_version_tag(name, version, "variant", variant)
-        client.set_model_version_tag(name, version, "iteration", str(iteration))
-        versions.append(version)
-    return versions
 
 
 def overrides(tiny) -> list[str]:
@@ -62,7 +39,7 @@ def home(spark, tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def versions(home, tiny):
     """sft (iteration 0) → 1, rest_pg at its final iteration → 2."""
-    return dict(zip(("sft", "rest_pg"), register(home, tiny, [("sft", 0), ("rest_pg", home.loop.iterations)])))
+    return dict(zip(("sft", "rest_pg"), register_tiny_policy(home, tiny, [("sft", 0), ("rest_pg", home.loop.iterations)])))
 
 
 @pytest.mark.parametrize("names, expected", [

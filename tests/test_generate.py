@@ -11,7 +11,7 @@ from dataclasses import astuple
 import pytest
 from pyspark.sql import functions as F
 
-from helpers import example_row, make_settings, tiny_overrides, write_rows
+from helpers import example_row, make_settings, register_tiny_policy, tiny_overrides, write_rows
 from restpg import catalog, cli, generate, prompts, registry
 
 KNOWN = {"r1": "u1", "r2": "u2"}
@@ -50,27 +50,6 @@ def test_parse_request(record, fields, reason):
         assert got["request_id"] == "a"
 
 
-def register(settings, checkpoint: str, variant: str, iteration: int) -> str:
-    """A registered version of `checkpoint` tagged as the training job tags it; returns its number."""
-    import mlflow
-
-    from restpg.runtime import setup_mlflow
-
-    class Checkpoint(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
-    setup_mlflow(settings)
-    with mlflow.start_run(run_name="tiny-policy"):
-        source = mlflow.pyfunc.log_model(name="policy", python_model=Checkpoint(), artifacts={"checkpoint": checkpoint},
-                                         pip_requirements=[]).model_uri
-    name, client = settings.mlflow.policy_model_name, mlflow.MlflowClient()
-    version = str(mlflow.register_model(source, name).version)
-    client.set_model_version_tag(name, version, "variant", variant)
-    client.set_model_version_tag(name, version, "iteration", str(iteration))
-    return version
-
-
 def crown(settings, version: str) -> str:
     import mlflow
 
@@ -97,7 +76,7 @@ def table(spark, settings):
 def rest_pg(home, tiny) -> str:
     """A registered rest_pg version (a reasoning variant), not crowned."""
     s, _ = home
-    return register(s, tiny, "rest_pg", s.loop.iterations)
+    return register_tiny_policy(s, tiny, [("rest_pg", s.loop.iterations)])[0]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +154,7 @@ def test_a_new_champion_answers_again_and_a_user_with_a_new_profile_is_answered(
                           "request_id string, user_id string, task string, input string").write.format("delta").save(location)
     spark.sql(f"DROP TABLE IF EXISTS {s.catalog.schema}.gen_requests")
     spark.sql(f"CREATE TABLE {s.catalog.schema}.gen_requests USING DELTA LOCATION '{location}'")
-    new = crown(s, register(s, tiny, "sft", 0))
+    new = crown(s, register_tiny_policy(s, tiny, [("sft", 0)])[0])
     result = generate.run(spark, s, requests="gen_requests", run_id="g3")  # a bare name: a table of the schema
     assert result["model_version"] == new != old and result["variant"] == "sft"
     assert result["source"] == "gen_requests" and generate.table_name(s, "gen_requests") == f"spark_catalog.{s.catalog.schema}.gen_requests"

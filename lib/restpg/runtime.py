@@ -115,7 +115,10 @@ def _forward_jvm_stderr(read_fd: int, swallowed: list[str]) -> None:
                 if _IVY_END.search(line):
                     in_ivy = False
                 continue
-            os.write(2, raw)
+            try:
+                os.write(2, raw)
+            except OSError:  # our stderr is gone: keep draining, or the JVM would block on a full pipe
+                pass
 
 
 def _launch_jvm_quietly(options: dict) -> None:
