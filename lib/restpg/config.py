@@ -38,7 +38,7 @@ class SparkConfig:
     adaptive: bool = _f(True, "spark.sql.adaptive.enabled for local Spark: adaptive execution re-plans every query, "
                               "which on tables of a few hundred rows costs more than it saves")
     codegen: bool = _f(True, "generated code for local Spark's queries (whole-stage and expression codegen); off, "
-                             "expressions are interpreted: compiling each small query's code costs more than it saves")
+                             "expressions are interpreted, no compile per query (the local profiles: their queries are small)")
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 from restpg.config import Settings
@@ -136,15 +135,16 @@ def _launch_jvm_quietly(options: dict) -> None:
         return
     read_fd, write_fd = os.pipe()
     swallowed: list[str] = []
-    threading.Thread(target=_forward_jvm_stderr, args=(read_fd, swallowed), name="jvm-stderr", daemon=True).start()
+    reader = threading.Thread(target=_forward_jvm_stderr, args=(read_fd, swallowed), name="jvm-stderr", daemon=True)
+    reader.start()
     try:
         gateway = launch_gateway(SparkConf().setAll(list(options.items())), popen_kwargs={"stderr": write_fd})
     except Exception:
-        time.sleep(0.5)  # let the reader take the JVM's last lines
+        os.close(write_fd)
+        reader.join(timeout=10)  # the JVM is gone: the reader ends at the pipe's end, with its last lines
         sys.stderr.write("".join(swallowed))
         raise
-    finally:
-        os.close(write_fd)
+    os.close(write_fd)  # the JVM holds its own copy
     SparkContext._ensure_initialized(gateway=gateway)
 
 
