@@ -42,6 +42,9 @@ def test_every_stage_wrote_its_tables(spark, run):
     assert done >= {"ingest", "retrieve", "sft_data", "train", "validate_reward", "sample", "judge",
                     "filtering", "evaluate", "promote", "notebooks"}
     assert "reason" not in done  # no reasoning variant asked for: no teacher work
+    mem = result["memory"]  # what bench/bench_memory.py reads from the run's result file
+    assert list(mem["after_train_bytes"]) == ["train [variant=sft/iteration=0]", "train [variant=rest_em/iteration=1]"]
+    assert mem["peak_bytes"] >= max(mem["after_train_bytes"].values()) > 0
 
 
 def test_every_stage_run_logs_the_versions_it_read_and_wrote(run):

@@ -209,7 +209,17 @@ def run(spark, settings: Settings, *, run_id: str, variants: list[str] | None = 
                                  candidate=str(evaluated.get("candidate_version") or "") or None)
     notebooks_out = _notebooks(spark, s, steps)
     _report(steps, mean_reward, evaluated, promotion, notebooks_out, s, budgets.describe(spark, settings))
-    return {"results": steps.results}
+    return {"results": steps.results, "seconds": steps.seconds, "memory": memory(steps.rss_after_train),
+            "data": {"source": s.data.source, "task": s.data.task, "max_examples": s.data.max_examples},
+            "variants": wanted, "iterations": T}
+
+
+def memory(rss_after_train: dict[str, int]) -> dict:
+    """The driver's peak resident bytes and its resident bytes after each training job (the figures the
+    summary's memory line prints; bench/bench_memory.py reads them from the run's result file)."""
+    from restpg.runtime import peak_rss_bytes
+
+    return {"peak_bytes": peak_rss_bytes(), "after_train_bytes": dict(rss_after_train)}
 
 
 def _notebooks(spark, s: Settings, steps: Steps) -> str:
