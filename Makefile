@@ -66,8 +66,9 @@ test-compat: $(COMPAT)/.installed
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(XDIST) --dist loadfile --durations=5 -m "not slow and not e2e and not faults" $(COMPAT_TESTS)
 
 # The inner loop: the tests that need no Spark session and no packaged model (under 2 minutes).
+# The tests that need no Spark session and no packaged model, on the same two workers as `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m fast tests
+	$(BIN)/python -m pytest -q $(XDIST) -m fast tests
 
 # One EM iteration at the paper's setting (LLM judge, tau = 1.0) with Gemma 3 270M in every role, on CPU.
 paper-smoke: $(STAMP)

@@ -160,6 +160,22 @@ def test_nothing_passing_the_filter_ends_the_command_with_code_3_and_one_line(ar
     assert not (tmp_path / "home" / "results").exists()
 
 
+@pytest.mark.parametrize("argv", [["validate_reward"], ["pipeline"]])
+def test_a_reward_that_fails_validation_ends_the_command_with_code_4_and_one_line(argv, process_state, monkeypatch, tmp_path,
+                                                                                   capsys):
+    """The reward gate is an expected end (the numbers and the way on), not a crash with a traceback."""
+    from restpg.validate_reward import RewardUnfit, Verdict
+
+    unfit = RewardUnfit("embedding", "packaged:all-minilm-l6-v2",
+                        Verdict(-0.0195, 0.2583, 0.05, {"self": 1.0, "same_user": 0.2226, "other_user": 0.0918}))
+    _stage_without_spark(monkeypatch, unfit)
+    assert cli.main([*argv, "--home", str(tmp_path / "home")]) == 4
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"restpg: {unfit}\n"
+    assert "NOT fit to train on" in err and "allow_unfit_reward" in err
+    assert not (tmp_path / "home" / "results").exists()
+
+
 def test_third_party_noise_is_off_unless_verbose(process_state, monkeypatch, tmp_path):
     from restpg import runtime
 

@@ -276,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     from restpg.budgets import Unresolved
     from restpg.filtering import NothingPassed
     from restpg.generate import NoChampion
+    from restpg.validate_reward import RewardUnfit
 
     try:
         result = run_stage(command, get_spark(settings), settings, **stage_arguments(command, args))
-    except (Unresolved, NothingPassed, NoChampion) as e:  # expected ends: one line on stderr, no traceback
+    except (Unresolved, NothingPassed, NoChampion, RewardUnfit) as e:  # expected ends: one line on stderr, no traceback
         print(f"restpg: {e}", file=sys.stderr)
-        return 3 if isinstance(e, NothingPassed) else 2
+        return 3 if isinstance(e, NothingPassed) else 4 if isinstance(e, RewardUnfit) else 2
     print(f"result: {write_result(settings, command, result)}")
     return 0
 
