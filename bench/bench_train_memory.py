@@ -29,7 +29,7 @@ SETTINGS = [("micro 4", {"micro_batch_size": 4}), ("micro 2", {"micro_batch_size
             ("micro 4 + checkpointing", {"micro_batch_size": 4, "gradient_checkpointing": True})]
 
 CHILD = r"""
-import json, os, sys, time
+import json, os, statistics, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM

@@ -132,6 +132,7 @@ def test_stage_gates_an_unfit_reward_and_records_it(spark, tiny, tmp_path, capsy
     report = vr.run(spark, s, run_id="rv2", policy=tiny, allow_unfit=True)
     err = capsys.readouterr().err  # the policy's answers show progress: 6 examples, own and shuffled profile
     assert "validate_reward: sft answers (own and shuffled profile) [" in err and "12/12 (100%)" in err
+    assert "going on with the unfit embedding reward" in err and "Warning" not in err  # one line, no Python warning
     assert report["fit"] is False and report["rows"] == 8 and "NOT fit" in report["verdict"]
     assert report["slope"] == pytest.approx(verdict.slope) and report["p_value"] == pytest.approx(verdict.p_value)
     rows = catalog.read(spark, s, "reward_validation").toPandas()
