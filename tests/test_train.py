@@ -227,8 +227,9 @@ class ScriptedSelector:
     ([0.8, 0.3, 0.1, 0.3, 0.2], 1),  # every trained step scores below the start: the best trained one is kept
     ([0.8, 0.8, 0.1, 0.2, 0.8], 1),  # the start's reward is the baseline, never a rival
 ])
-def test_selection_keeps_the_trained_step_with_the_best_reward(tokenizer, rewards, best):
-    cfg = small_cfg(steps=8, eval_every=2, log_every=2)
+@pytest.mark.parametrize("on_disk", [False, True], ids=["kept-in-memory", "kept-on-disk"])
+def test_selection_keeps_the_trained_step_with_the_best_reward(tokenizer, rewards, best, on_disk):
+    cfg = small_cfg(steps=8, eval_every=2, log_every=2, best_state_on_disk=on_disk)
     select, logged = ScriptedSelector(rewards), []
     model = make_model(tokenizer)
     result = trainer.fit(model, featurize(tokenizer, 8), cfg, pad_id=0, select=select,
@@ -299,12 +300,14 @@ def test_a_resumed_job_never_keeps_the_start_either(tokenizer, tmp_path):
     assert select(whole) < 1.0  # the model holds a trained state
 
     store = checkpoints.ResumeStore(tmp_path / "resume")
+    on_disk = dataclasses.replace(cfg, best_state_on_disk=True)  # the kept step waits in a file: saved and resumed alike
     with pytest.raises(trainer.TrainingInterrupted):
-        trainer.fit(make_model(tokenizer), rows, cfg, pad_id=0, select=select, store=store, stop_after_steps=5)
+        trainer.fit(make_model(tokenizer), rows, on_disk, pad_id=0, select=select, store=store, stop_after_steps=5)
     saved = store.latest()
     assert saved["step"] == 3 and saved["best"]["step"] == 2  # step 2 is the only trained step selected so far
+    assert isinstance(saved["best"]["params"], dict) and saved["best"]["params"]  # the weights, not a file's name
     resumed_model = make_model(tokenizer)
-    resumed = trainer.fit(resumed_model, rows, cfg, pad_id=0, select=select, store=store)
+    resumed = trainer.fit(resumed_model, rows, on_disk, pad_id=0, select=select, store=store)
     assert resumed.best_step == expected.best_step > 0 and resumed.initial_reward == 1.0
     for p, q in zip(whole.parameters(), resumed_model.parameters()):
         assert torch.allclose(p, q, atol=1e-5)

@@ -152,6 +152,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "gradient norm clip")
     batch_size: int = _f(64, "examples per optimizer step")
     micro_batch_size: int = _f(4, "examples per forward pass (gradient accumulation)")
+    micro_batch_tokens: int = _f(0, "padded tokens per forward pass at most (0 = no limit): a step's rows, longest first, "
+                                    "are cut into micro-batches of at most micro_batch_size rows and this many tokens "
+                                    "(a longer row alone), so long rows cannot raise the activations' peak. Not on XLA")
     steps: int = _f(10000, "optimizer steps of every training job (SFT and each M-step alike; a small set repeats)")
     length_buckets: list = _f([128, 256, 512, 1024, 2048, 4096, 6656, 7296], "padded lengths (few XLA graphs)")
     eval_every: int = _f(1000, "score the checkpoint on the selection sample every N steps (and at the end)")
@@ -159,6 +162,8 @@ class TrainConfig:
     checkpoint_every: int = _f(500, "save model + optimizer + step every N steps, so a killed job resumes (0 = never)")
     restart_from: str = _f("base", "M-step init: 'base' (paper) or 'previous' checkpoint")
     lora_rank: int = _f(0, "LoRA rank (0 = full fine-tuning)")
+    best_state_on_disk: bool = _f(False, "keep the selected step's weights in a temporary file while training goes on, "
+                                         "not as a copy in memory (the driver's peak when jobs run in it)")
     gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward instead of keeping them: "
                                              "less GPU memory for long rows, about a third more compute")
     num_workers: int = _f(1, "training processes; > 1 runs the job under Spark's TorchDistributor (gloo on CPUs, NCCL on GPUs, one per GPU)")

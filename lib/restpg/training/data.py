@@ -81,6 +81,22 @@ def length_grouped(indices: list[int], lengths: list[int], micro: int) -> list[l
     return [ordered[s:s + micro] for s in range(0, len(ordered), micro)]
 
 
+def token_grouped(indices: list[int], lengths: list[int], max_rows: int, max_tokens: int, buckets) -> list[list[int]]:
+    """One optimizer step's rows, longest first, cut into micro-batches of at most `max_rows` rows whose padded
+    size (rows x the bucketed width of their longest) stays within `max_tokens`; a row longer than that goes
+    alone. A forward pass's activations grow with its padded tokens, so this bounds a training job's peak
+    memory whatever the data's lengths, while short rows still share a pass. As `length_grouped`, the step's
+    rows, weights and normaliser are unchanged: so is its gradient."""
+    groups: list[list[int]] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        g = groups[-1] if groups else None
+        if g and len(g) < max_rows and (len(g) + 1) * bucket_length(lengths[g[0]], buckets) <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def padded_tokens(groups: list[list[int]], lengths: list[int], buckets) -> int:
     """Positions the forward passes of `groups` compute, padding included (collate's bucketed widths)."""
     return sum(len(g) * bucket_length(max(lengths[i] for i in g), buckets) for g in groups if g)
