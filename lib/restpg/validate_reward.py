@@ -89,7 +89,7 @@ class RewardUnfit(RuntimeError):
     def __init__(self, kind: str, judge: str, verdict: Verdict):
         self.verdict = verdict
         super().__init__(f"the {kind} reward ({judge}) is NOT fit to train on: {verdict.describe()}. "
-                         "Set validate.allow_unfit_reward=true (or --allow-unfit-reward) to go on anyway.")
+                         "To go on anyway: --set validate.allow_unfit_reward=true (validate_reward alone: --allow-unfit-reward).")
 
 
 # --------------------------------------------------------------------------- which example gets whose profile
