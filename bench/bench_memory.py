@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import machine, ratio_row, table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-GB = 2**30
+GB = 2**30  # GiB, as the run summary prints "GB"
 AMAZON_PEAK_GOAL_GB = 6.0
 
 
@@ -53,16 +53,17 @@ def rows_of(label: str, result: dict) -> list[dict]:
     rows = []
     if len(after) >= 2:
         (first_label, first), (last_label, last) = after[0], after[-1]
-        rows.append(ratio_row(f"{label}: driver RSS after last/first train job", [last / first], "x", 1.1,
+        rows.append(ratio_row(f"{label}: RSS after last/first train job", [last / first], "x", 1.1,
                               f"{len(after)} training jobs", higher=False)
                     | {"note": f"{first / GB:.2f} GB after {first_label}, {last / GB:.2f} GB after {last_label}",
                        "run": what})
     else:
-        rows.append({"measure": f"{label}: driver RSS after last/first train job", "reference": "", "median": None,
+        rows.append({"measure": f"{label}: RSS after last/first train job", "reference": "", "median": None,
                      "why": f"{len(after)} training job(s) in the run", "run": what})
     is_amazon_64 = "amazon" in label.lower() and (data.get("max_examples") or 0) >= 64
     rows.append(ratio_row(f"{label}: driver peak RSS", [mem["peak_bytes"] / GB], " GB",
-                          AMAZON_PEAK_GOAL_GB if is_amazon_64 else None, "whole pipeline", higher=False) | {"run": what})
+                          AMAZON_PEAK_GOAL_GB if is_amazon_64 else None, "whole pipeline", higher=False)
+                | {"run": what, "note": f"GiB; {mem['peak_bytes'] / 1e9:.2f} GB of 10^9 bytes"})
     return rows
 
 
