@@ -7,6 +7,7 @@ output budget is dropped and counted, never truncated: the model would learn to 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,9 +77,9 @@ def collate(features: list[dict], weights: list[float], buckets, pad_id: int) ->
 def length_grouped(indices: list[int], lengths: list[int], micro: int) -> list[list[int]]:
     """One optimizer step's rows cut into micro-batches of similar length (longest first), so each
     micro-batch pads to its own longest row, not the step's. The step still sees the same rows with
-    the same weights and one normaliser, so its gradient is unchanged; only padding goes."""
-    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
-    return [ordered[s:s + micro] for s in range(0, len(ordered), micro)]
+    the same weights and one normaliser, so its gradient is unchanged; only padding goes. (`token_grouped`
+    with no token bound.)"""
+    return token_grouped(indices, lengths, micro, math.inf, ())
 
 
 def token_grouped(indices: list[int], lengths: list[int], max_rows: int, max_tokens: int, buckets) -> list[list[int]]:
